@@ -1,0 +1,49 @@
+# EdgeFleet developer entry points. Every target builds its own environment from nothing, so a
+# fresh clone needs only Python >= 3.11 and make.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Rebuilt when the dependency list changes.
+STAMP  := $(VENV)/.stamp-dev
+PYTEST_ARGS ?=
+
+.PHONY: help venv test test-slow lint format proto proto-check clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "EdgeFleet needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv with EdgeFleet (editable) and the dev tools
+
+test: $(STAMP)  ## run the test suite (unit, integration, e2e; not the slow ones)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)  ## run every test, the slow ones too
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff, mypy (strict) and the import-linter layering contracts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+proto: $(STAMP)  ## regenerate the gRPC stubs from proto/edgefleet/v1/*.proto
+	$(BIN)/python scripts/gen_proto.py
+
+proto-check: $(STAMP)  ## fail if the committed stubs differ from freshly generated ones
+	$(BIN)/python scripts/gen_proto.py --check
+
+clean:  ## remove the environment and caches
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
