@@ -1,0 +1,56 @@
+"""The ``edgefleet`` command: core commands plus groups contributed by the operator and agent."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from edgefleet_core import __version__
+from edgefleet_core.cli import plugins, resources_cmd
+
+PLANNED_GROUPS = (
+    "pipeline (optimize a model per device class), bundle and keys (signed bundles), partition "
+    "(plan CPU/accelerator cuts), bench, gateway, agent, accel-server, operator, up and demo"
+)
+
+
+def build_app() -> typer.Typer:
+    """The CLI with every command group that is installed."""
+    app = typer.Typer(
+        name="edgefleet",
+        help=(
+            "EdgeFleet: optimize ML models per device class, sign them, roll them out in "
+            "health-gated waves, and run them partitioned across CPU and accelerator."
+        ),
+        epilog=f"Not yet available in this release: {PLANNED_GROUPS}.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+    )
+
+    @app.callback()
+    def main(
+        verbose: Annotated[
+            int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")
+        ] = 0,
+    ) -> None:
+        logging.basicConfig(
+            level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+
+    @app.command()
+    def version() -> None:
+        """Print the EdgeFleet version."""
+        typer.echo(__version__)
+
+    app.add_typer(resources_cmd.app, name="resources")
+    for group in plugins.discover():
+        app.add_typer(group.app or plugins.unavailable_group(group), name=group.name)
+    return app
+
+
+def run() -> None:
+    """Console-script entry point."""
+    build_app()()
