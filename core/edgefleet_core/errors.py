@@ -48,3 +48,49 @@ class ResourceError(EdgeFleetError):
 
 class ContractError(EdgeFleetError):
     """A contract file shipped with EdgeFleet (a CRD) is missing or malformed: a packaging bug."""
+
+
+class ModelError(EdgeFleetError):
+    """A model file cannot be used: not ONNX, corrupt or truncated, unsafe external data, unsupported opset."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        self.source = source
+        """The model file (or a description of an in-memory model)."""
+        self.problem = problem
+        """What is wrong with it."""
+        super().__init__(f"{source}: {problem}")
+
+
+class DataError(EdgeFleetError):
+    """Evaluation, calibration or training data cannot be used with a model."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        self.source = source
+        """The data file."""
+        self.problem = problem
+        """What is wrong with it."""
+        super().__init__(f"{source}: {problem}")
+
+
+class PassNotApplicable(EdgeFleetError):
+    """A pass cannot apply to this model (or here); the pipeline reports it and goes on without it."""
+
+    def __init__(self, pass_type: str, reason: str) -> None:
+        self.pass_type = pass_type
+        """The pass that was skipped, e.g. ``ChannelPruning``."""
+        self.reason = reason
+        """Why, in words a user can act on."""
+        super().__init__(f"{pass_type} skipped: {reason}")
+
+
+class OptimizationError(EdgeFleetError):
+    """The pipeline cannot produce a variant (e.g. no candidate meets the accuracy budget)."""
+
+
+class TrainingUnsupported(EdgeFleetError):
+    """The trainer cannot fine-tune this model (an op it cannot differentiate, nothing to learn from)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        """Why, e.g. ``op NonMaxSuppression is not supported for training``."""
+        super().__init__(reason)
