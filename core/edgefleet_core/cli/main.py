@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from edgefleet_core import __version__
-from edgefleet_core.cli import plugins, resources_cmd
+from edgefleet_core.cli import bench_cmd, optimize_cmd, plugins, resources_cmd
 
 PLANNED_GROUPS = (
-    "pipeline (optimize a model per device class), bundle and keys (signed bundles), partition "
-    "(plan CPU/accelerator cuts), bench, gateway, agent, accel-server, operator, up and demo"
+    "bundle and keys (signed bundles), partition (plan CPU/accelerator cuts), gateway, agent, "
+    "accel-server, operator, up and demo"
 )
 
 
@@ -45,7 +45,9 @@ def build_app() -> typer.Typer:
         """Print the EdgeFleet version."""
         typer.echo(__version__)
 
+    app.command(name="optimize")(optimize_cmd.optimize)
     app.add_typer(resources_cmd.app, name="resources")
+    app.add_typer(bench_cmd.app, name="bench")
     for group in plugins.discover():
         app.add_typer(group.app or plugins.unavailable_group(group), name=group.name)
     return app

@@ -1,0 +1,105 @@
+"""Content-addressed ids and lineage records for optimized variants, and the cache they key.
+
+A variant's id is the full sha256 of everything that determines its bytes: the source model's
+digest, the canonical (defaults filled in, keys sorted) configuration of every pass, the data the
+passes saw, the seed and the versions of the tools. Re-running the same input finds the cached
+variant instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgefleet_core.errors import ModelError
+from edgefleet_core.optimize.model_io import parse_model, serialize, write_dir_atomic
+from edgefleet_core.resources.recipe import PassSpec
+
+logger = logging.getLogger(__name__)
+
+TOOLS = ("edgefleet", "onnx", "onnxruntime", "numpy", "torch")
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the tools whose behaviour shapes a variant (``absent`` when not installed)."""
+    out = {}
+    for name in TOOLS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def canonical_pass(spec: PassSpec) -> dict[str, Any]:
+    """A pass with its options fully defaulted, in the CRD's field names."""
+    return {"type": spec.type, "options": spec.options.model_dump(mode="json", by_alias=True)}
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a variant came from; its id is the digest of this record."""
+
+    source_digest: str
+    passes: list[dict[str, Any]]
+    data_digest: str | None
+    seed: int
+    tools: dict[str, str] = field(default_factory=tool_versions)
+
+    @property
+    def variant_id(self) -> str:
+        """Full sha256 hex of the canonical record."""
+        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def lineage_for(source_digest: str, passes: Sequence[PassSpec], data_digest: str | None, seed: int) -> Lineage:
+    """The lineage of applying ``passes`` to the source."""
+    return Lineage(source_digest, [canonical_pass(p) for p in passes], data_digest, seed)
+
+
+def default_cache_dir() -> Path:
+    """``$EDGEFLEET_CACHE`` or ``$XDG_CACHE_HOME/edgefleet`` (``~/.cache/edgefleet``)."""
+    explicit = os.environ.get("EDGEFLEET_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgefleet"
+
+
+class VariantCache:
+    """Transformed models and their pass records by variant id, one folder each, written atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "variants"
+
+    def get(self, variant_id: str) -> tuple[onnx.ModelProto, list[dict[str, Any]]] | None:
+        """The cached model and its pass records, or ``None`` (also when the entry is damaged)."""
+        folder = self.root / variant_id
+        try:
+            data = (folder / "model.onnx").read_bytes()
+            records = json.loads((folder / "passes.json").read_text(encoding="utf-8"))
+            model = parse_model(data, str(folder / "model.onnx"))
+        except (OSError, ValueError, ModelError) as exc:
+            if folder.exists():
+                logger.warning("ignoring damaged cache entry %s: %s", folder, exc)
+            return None
+        if not isinstance(records, list):
+            return None
+        return model, records
+
+    def put(self, variant_id: str, model: onnx.ModelProto, records: list[dict[str, Any]]) -> None:
+        """Store a variant; concurrent writers of the same id are harmless (same content)."""
+        write_dir_atomic(
+            self.root / variant_id,
+            {"model.onnx": serialize(model), "passes.json": json.dumps(records, indent=1).encode()},
+        )
