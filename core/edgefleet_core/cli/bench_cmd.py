@@ -1,0 +1,34 @@
+"""``edgefleet bench``: benchmarks that compare against a baseline in the same run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Benchmarks: same-run ratios against a baseline, written to bench/results/.")
+
+
+@app.command()
+def pipeline(
+    out: Annotated[Path, typer.Option(help="Results JSON.")] = Path("bench/results/pipeline.json"),
+    markdown: Annotated[
+        Path | None, typer.Option(help="Markdown file whose bench:pipeline section gets the table.")
+    ] = Path("BENCHMARKS.md"),
+    quick: Annotated[bool, typer.Option(help="Fewer training epochs: a smoke run, not the figures.")] = False,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these scenarios.")] = None,
+) -> None:
+    """The optimization pipeline on the digits-trained sample models: INT8, pruning, clustering, low rank."""
+    from edgefleet_core.bench import pipeline as bench
+
+    unknown = sorted(set(only or []) - set(bench.SCENARIOS))
+    if unknown:
+        raise typer.BadParameter(f"unknown scenario(s) {unknown}; known: {', '.join(bench.SCENARIOS)}")
+    document = bench.run(only, quick=quick, progress=typer.echo)
+    bench.write_results(document, out, markdown)
+    typer.echo(bench.markdown(document))
+    missed = [t["name"] for s in document["scenarios"] for t in s["targets"] if not t["met"]]
+    if missed:
+        typer.echo(f"targets missed: {', '.join(missed)}", err=True)
+        raise typer.Exit(code=1)
