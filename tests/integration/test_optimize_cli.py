@@ -111,15 +111,17 @@ def test_every_pass_is_reachable_from_a_recipe(cnn: tuple[Path, Path, SampleMode
 
 @pytest.fixture
 def previous_output(tmp_path: Path) -> Path:
+    """An earlier run's output folder, which a failed run must leave exactly as it was."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.onnx").write_bytes(b"the previous good variant")
+    (out / "report.json").write_text("{}", encoding="utf-8")
     return out
 
 
 def _unchanged(out: Path) -> bool:
     return (
-        sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+        sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
         and (out / "model.onnx").read_bytes() == b"the previous good variant"
     )
 
@@ -231,3 +233,91 @@ def test_bad_recipe_and_device_class_are_refused_naming_the_field(
     assert code == 1
     assert "spec.accelerator.executionProvider" in output
     assert _unchanged(previous_output)
+
+
+def _awkward_model() -> onnx.ModelProto:
+    """Opset 11, dynamic batch and spatial dims, and a Resize the trainer cannot differentiate."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(np.array([], np.float32), "roi"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (16, 1, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (32, 16, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (10, 32)).astype(np.float32), "fc"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Resize", ["input", "roi", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Conv", ["up", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fc_b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "awkward",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    return model
+
+
+def test_an_awkward_real_world_model_gets_through_every_pass_or_a_reason(tmp_path: Path) -> None:
+    path = tmp_path / "awkward.onnx"
+    path.write_bytes(serialize(_awkward_model()))
+    split = load_digits_split()
+    data = tmp_path / "data.npz"
+    save_npz(data, split.test.images[:120], split.test.labels[:120])
+    recipe = _recipe(tmp_path, [
+        {"type": "ChannelPruning", "channelPruning": {"ratio": 0.25, "fineTuneEpochs": 1}},
+        {"type": "LowRankFactorization", "lowRankFactorization": {"method": "spatialSvd", "rankRatio": 0.5}},
+        {"type": "MagnitudePruning", "magnitudePruning": {"sparsity": 0.3}},
+        {"type": "Distillation", "distillation": {"epochs": 1}},
+        {"type": "WeightClustering", "weightClustering": {"bits": 6}},
+        {"type": "QuantizationAwareTraining", "quantizationAwareTraining": {"epochs": 1}},
+        {"type": "GraphOptimization"},
+        {"type": "MixedPrecision"},
+        {"type": "FP16"},
+        {"type": "QuantizeInt8"},
+    ])  # fmt: skip
+    out = tmp_path / "out"
+    code, output = optimize(str(path), "--device-class", str(CPU_CLASS), "--data", str(data), "--recipe",
+                            str(recipe), "--out", str(out), "--max-accuracy-drop", "100")  # fmt: skip
+    assert code == 0, output
+    report = json.loads((out / "report.json").read_text())
+    assert "upgraded opset 11 to 17" in report["source"]["notes"]
+    for candidate in report["candidates"]:
+        for record in candidate["passes"]:
+            assert record["status"] in {"applied", "skipped", "failed"}
+            if record["status"] != "applied":
+                assert record["reason"], record
+    statuses = {p["type"]: p for p in report["candidates"][0]["passes"]}
+    # The trainer cannot differentiate Resize: the training passes say so instead of failing.
+    assert statuses["Distillation"]["status"] == "skipped"
+    assert "Resize" in statuses["Distillation"]["reason"]
+    # The chosen variant still takes other spatial sizes (the dynamic dims survived).
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession((out / "model.onnx").read_bytes(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": np.zeros((3, 1, 12, 12), np.float32)})[0].shape == (3, 10)
+
+
+def test_an_existing_folder_that_is_not_an_output_is_never_replaced(
+    cnn: tuple[Path, Path, SampleModel], tmp_path: Path
+) -> None:
+    model, _, _ = cnn
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work", encoding="utf-8")
+    code, output = optimize(str(model), "--device-class", str(CPU_CLASS), "--out", str(precious))
+    assert code == 1
+    assert "is not an edgefleet optimize output" in output
+    assert (precious / "thesis.tex").read_text(encoding="utf-8") == "years of work"

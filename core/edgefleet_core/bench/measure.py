@@ -1,11 +1,9 @@
-"""Fair latency comparison of several models on one machine, and a description of that machine."""
+"""Accuracy of a model on the test split, and a description of the machine figures come from."""
 
 from __future__ import annotations
 
 import os
 import platform
-import time
-from collections.abc import Mapping
 from importlib.metadata import version
 from typing import Any
 
@@ -34,39 +32,6 @@ def machine() -> dict[str, Any]:
         "onnxruntime": version("onnxruntime"),
         "providers": available_providers(),
         "threads_per_session": 1,
-    }
-
-
-def compare_latency(
-    models: Mapping[str, onnx.ModelProto],
-    inputs: npt.NDArray[np.generic],
-    *,
-    rounds: int = 5,
-    runs: int = 100,
-    input_name: str = "input",
-) -> dict[str, dict[str, float]]:
-    """p50/p95 (ms) of single-sample inference per model, measured in interleaved rounds.
-
-    Interleaving (round 1 of every model, then round 2 ...) spreads background load over all models
-    alike, so ratios between them stay meaningful on a small shared machine; the p50 reported is the
-    median over all runs of all rounds.
-    """
-    sessions = {name: session(model) for name, model in models.items()}
-    outputs = {name: s.get_outputs()[0].name for name, s in sessions.items()}
-    samples = [inputs[i % len(inputs)][None, ...] for i in range(runs)]
-    timings: dict[str, list[float]] = {name: [] for name in models}
-    for name, sess in sessions.items():  # warm up every session before any measurement
-        for sample in samples[:10]:
-            sess.run([outputs[name]], {input_name: sample})
-    for _ in range(rounds):
-        for name, sess in sessions.items():
-            for sample in samples:
-                start = time.perf_counter_ns()
-                sess.run([outputs[name]], {input_name: sample})
-                timings[name].append((time.perf_counter_ns() - start) / 1e6)
-    return {
-        name: {"p50_ms": float(np.percentile(t, 50)), "p95_ms": float(np.percentile(t, 95)), "runs": float(len(t))}
-        for name, t in timings.items()
     }
 
 

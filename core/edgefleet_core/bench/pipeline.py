@@ -20,12 +20,13 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from edgefleet_core.bench.measure import accuracy, compare_latency, machine
+from edgefleet_core.bench.measure import accuracy, machine
 from edgefleet_core.optimize.data import Dataset
-from edgefleet_core.optimize.evaluate import ModelEvaluator
+from edgefleet_core.optimize.evaluate import ModelEvaluator, interleaved_latency
 from edgefleet_core.optimize.graph import parameter_count
-from edgefleet_core.optimize.model_io import parse_model, serialize
+from edgefleet_core.optimize.model_io import parse_model, serialize, write_file_atomic
 from edgefleet_core.optimize.passes.base import PassContext
 from edgefleet_core.optimize.passes.registry import create_pass
 from edgefleet_core.resources.recipe import PassSpec
@@ -87,7 +88,7 @@ def _context(sample: SampleModel, split: DigitsSplit, max_drop: float) -> PassCo
         source=sample.model,
         data=train,
         trainer=load_trainer(),
-        evaluator=ModelEvaluator(sample.model, train.take(512), latency_runs=30),
+        evaluator=ModelEvaluator(sample.model, train.take(512), latency_rounds=2),
         max_accuracy_drop=max_drop,
     )
 
@@ -103,12 +104,32 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
 
 
 def ort_quantize_static_defaults(model: onnx.ModelProto, calibration: npt.NDArray[np.generic]) -> onnx.ModelProto:
-    """ONNX Runtime's ``quantize_static`` with every option at its default: the reference to match."""
+    """ONNX Runtime's documented flow with every option at its default: the reference to match.
+
+    ``quant_pre_process`` (shape inference and graph optimization, which folds BatchNormalization
+    as our GraphOptimization pass does) then ``quantize_static`` with default options.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        source, prepared, target = Path(tmp) / "fp32.onnx", Path(tmp) / "prep.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(serialize(model))
-        quantize_static(str(source), str(target), _Reader(calibration))
+        quant_pre_process(str(source), str(prepared))
+        quantize_static(str(prepared), str(target), _Reader(calibration))
         return parse_model(target.read_bytes(), "ort-default")
+
+
+def compare_latency(
+    models: dict[str, onnx.ModelProto], inputs: npt.NDArray[np.generic], *, rounds: int = 5
+) -> dict[str, dict[str, float]]:
+    """p50/p95 per model, single-sample, measured together in interleaved rounds of 100 runs."""
+    timings = interleaved_latency(models, Dataset({"input": inputs}), rounds=rounds, runs=100)
+    out = {}
+    for name, timing in timings.items():
+        latency = timing.latency
+        # The CPU provider always runs here, so both figures exist.
+        assert latency.p50_ms is not None
+        assert latency.p95_ms is not None
+        out[name] = {"p50_ms": latency.p50_ms, "p95_ms": latency.p95_ms, "runs": float(latency.runs)}
+    return out
 
 
 def _figures(
@@ -161,7 +182,10 @@ def int8_static(split: DigitsSplit, quick: bool) -> dict[str, Any]:
             Target(
                 "size vs ORT defaults (ours/theirs)", mine["size_bytes"] / theirs["size_bytes"], 1.0, False
             ).as_dict(),
-            Target("p50 vs ORT defaults (ours/theirs)", mine["p50_ms"] / theirs["p50_ms"], 1.05, False).as_dict(),
+            # "As fast" within timer noise: the same 5 % the pipeline allows before calling a variant slower.
+            Target(
+                "p50 vs ORT defaults (ours/theirs; 1.05 = within noise)", mine["p50_ms"] / theirs["p50_ms"], 1.05, False
+            ).as_dict(),
         ],
     }
 
@@ -337,8 +361,7 @@ def markdown(document: dict[str, Any]) -> str:
 
 def write_results(document: dict[str, Any], out: Path, markdown_file: Path | None) -> None:
     """Write the JSON results, and replace the marked section of a Markdown file with the table."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    write_file_atomic(out, (json.dumps(document, indent=2) + "\n").encode())
     if markdown_file is None:
         return
     text = markdown_file.read_text(encoding="utf-8") if markdown_file.exists() else ""
@@ -348,4 +371,4 @@ def write_results(document: dict[str, Any], out: Path, markdown_file: Path | Non
         text = head + block + rest.split(MARK_END, 1)[1]
     else:
         text = text + ("\n" if text else "") + block + "\n"
-    markdown_file.write_text(text, encoding="utf-8")
+    write_file_atomic(markdown_file, text.encode())

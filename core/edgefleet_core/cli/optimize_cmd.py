@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgefleet_core.errors import DataError, EdgeFleetError, FieldProblem, ModelError, ResourceError
+from edgefleet_core.errors import EdgeFleetError, FieldProblem, ResourceError
 from edgefleet_core.resources.crds import field_path
 from edgefleet_core.resources.device_class import DeviceClass
 from edgefleet_core.resources.loading import parse_resource, read_documents
@@ -23,6 +24,14 @@ if TYPE_CHECKING:
     from edgefleet_core.optimize.pipeline import ClassOptimization
 
 MAX_RECIPE_BYTES = 1024 * 1024
+
+
+class Objective(StrEnum):
+    """What the best accepted candidate minimises."""
+
+    latency = "latency"
+    size = "size"
+    balanced = "balanced"
 
 
 def load_device_class(path: Path) -> DeviceClass:
@@ -83,7 +92,9 @@ def optimize(
         float,
         typer.Option("--max-accuracy-drop", min=0.0, max=100.0, help="Accuracy budget in percentage points."),
     ] = 1.0,
-    objective: Annotated[str, typer.Option(help="latency, size or balanced.")] = "balanced",
+    objective: Annotated[
+        Objective, typer.Option(help="What the best accepted candidate minimises.")
+    ] = Objective.balanced,
     seed: Annotated[int, typer.Option(help="Seed for calibration order and training.")] = 0,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse variants built before.")] = True,
 ) -> None:
@@ -97,8 +108,10 @@ def optimize(
     from edgefleet_core.training import load_trainer
 
     console = Console(stderr=True)
-    if objective not in ("latency", "size", "balanced"):
-        raise typer.BadParameter("must be latency, size or balanced", param_hint="--objective")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
+        # The output folder is replaced whole: never a folder that is not an earlier output of ours.
+        console.print(f"[red]error:[/red] {out} exists and is not an edgefleet optimize output; choose a new folder")
+        raise typer.Exit(code=1)
     try:
         target = load_device_class(device_class)
         chosen_recipe = load_recipe(recipe) if recipe is not None else None
@@ -116,7 +129,7 @@ def optimize(
                 data=dataset,
                 data_digest=data_digest,
                 max_accuracy_drop=max_accuracy_drop / 100.0,
-                objective=objective,  # type: ignore[arg-type]
+                objective=objective.value,
                 trainer=load_trainer(),
                 cache=VariantCache(default_cache_dir()) if cache else None,
                 progress=_Bars(progress),
@@ -132,11 +145,11 @@ def optimize(
                 "report.png": report_png(result),
             },
         )
-    except (ModelError, DataError, ResourceError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=1) from None
     except EdgeFleetError as exc:
         console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=1) from None
+    except OSError as exc:
+        console.print(f"[red]error:[/red] cannot write {out}: {exc.strerror or exc}")
         raise typer.Exit(code=1) from None
     console.print(f"[green]wrote[/green] {out}/model.onnx ({chosen.name}, variant {chosen.variant_id})")
 

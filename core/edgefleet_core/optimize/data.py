@@ -16,7 +16,7 @@ import numpy.typing as npt
 import onnx
 from onnx import helper
 
-from edgefleet_core.errors import DataError
+from edgefleet_core.errors import DataError, ModelError
 
 Array = npt.NDArray[np.generic]
 LABELS = "labels"
@@ -40,6 +40,9 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     for value in model.graph.input:
         if value.name in initializers:
             continue
+        if not value.type.HasField("tensor_type"):
+            raise ModelError("<model>", f"input {value.name!r} is not a tensor (sequence, map and optional inputs "
+                             "are not supported)")  # fmt: skip
         tensor = value.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim)
         specs.append(InputSpec(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)), dims))
@@ -66,9 +69,9 @@ class Dataset:
         for start in range(0, len(self), batch_size):
             yield {k: v[start : start + batch_size] for k, v in self.inputs.items()}
 
-    def sample(self, index: int) -> dict[str, Array]:
-        """The feed of one sample (batch of one)."""
-        return {k: v[index : index + 1] for k, v in self.inputs.items()}
+    def sample(self, index: int, size: int = 1) -> dict[str, Array]:
+        """The feed of ``size`` samples from ``index`` (a batch of one by default)."""
+        return {k: v[index : index + size] for k, v in self.inputs.items()}
 
 
 def dataset_for(model: onnx.ModelProto, arrays: Mapping[str, Array], source: str = "<data>") -> Dataset:

@@ -8,6 +8,7 @@ CUDA class evaluated on a CPU-only machine gets ``latency: unmeasured``, not a g
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,8 +18,8 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 
-from edgefleet_core.errors import DataError
-from edgefleet_core.optimize.data import Array, Dataset
+from edgefleet_core.errors import DataError, ModelError
+from edgefleet_core.optimize.data import Array, Dataset, input_specs
 from edgefleet_core.optimize.model_io import serialize
 from edgefleet_core.optimize.runtime import CPU_EP, can_run, run, session
 
@@ -139,51 +140,90 @@ def _read_energy_uj() -> int | None:
         return None
 
 
-def measure_latency(
-    model: onnx.ModelProto,
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size a model insists on (its first input's fixed first dimension), else ``None``."""
+    specs = input_specs(model)
+    return specs[0].shape[0] if specs and specs[0].shape else None
+
+
+def _feeds(data: Dataset, batch: int, count: int) -> list[dict[str, Array]]:
+    usable = len(data) - len(data) % batch
+    return [data.sample(i % usable - (i % usable) % batch, batch) for i in range(0, count * batch, batch)]
+
+
+def _energy_reason() -> str:
+    return f"no RAPL powercap counter readable at {RAPL_ENERGY}"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency of one model in an interleaved measurement, with energy when RAPL is readable."""
+
+    latency: LatencyFigures
+    energy_joules_per_inference: float | None
+    energy_unavailable_reason: str | None
+
+
+def interleaved_latency(
+    models: Mapping[str, onnx.ModelProto],
     data: Dataset,
-    execution_provider: str,
+    execution_provider: str = CPU_EP,
     *,
-    runs: int = 60,
+    rounds: int = 5,
+    runs: int = 40,
     warmup: int = 5,
-    max_seconds: float = 3.0,
-) -> tuple[LatencyFigures, float | None, str | None]:
-    """p50/p95 of single-sample inference, and energy per inference when RAPL is readable."""
-    if not can_run(execution_provider):
-        reason = f"{execution_provider} is not available on this machine"
-        return LatencyFigures(None, None, 0, execution_provider, reason), None, "latency not measured"
-    sess = session(model, execution_provider)
-    output = sess.get_outputs()[0].name
-    samples = [data.sample(i % len(data)) for i in range(max(runs, warmup))]
-    for feed in samples[:warmup]:
-        run(sess, [output], feed)
-    timings: list[float] = []
-    energy_start = _read_energy_uj()
-    deadline = time.perf_counter() + max_seconds
-    for index in range(runs):
-        feed = samples[index % len(samples)]
-        start = time.perf_counter_ns()
-        sess.run([output], feed)
-        timings.append((time.perf_counter_ns() - start) / 1e6)
-        if time.perf_counter() > deadline and len(timings) >= 10:
-            break
-    energy_end = _read_energy_uj()
-    energy: float | None = None
-    energy_reason: str | None = None
-    if energy_start is None or energy_end is None:
-        energy_reason = f"no RAPL powercap counter readable at {RAPL_ENERGY}"
-    elif energy_end >= energy_start:
-        # Package energy: includes whatever else the machine did meanwhile; an upper bound.
-        energy = (energy_end - energy_start) / 1e6 / len(timings)
-    else:
-        energy_reason = "RAPL counter wrapped during the measurement"
-    figures = LatencyFigures(
-        p50_ms=float(np.percentile(timings, 50)),
-        p95_ms=float(np.percentile(timings, 95)),
-        runs=len(timings),
-        execution_provider=execution_provider,
-    )
-    return figures, energy, energy_reason
+) -> dict[str, Timing]:
+    """p50/p95 of inference on ``execution_provider`` for several models, measured in interleaved rounds.
+
+    Round 1 of every model, then round 2 ...: background load on a small shared machine falls on
+    every model alike, so the ratios between them hold. One request is one sample, or the batch a
+    model with a fixed batch dimension insists on. A provider that does not run here, or that
+    ONNX Runtime silently replaces by the CPU, gives ``unmeasured`` with the reason.
+    """
+    out: dict[str, Timing] = {}
+    sessions = {}
+    for name, model in models.items():
+        if not can_run(execution_provider):
+            reason = f"{execution_provider} is not available on this machine"
+            out[name] = Timing(LatencyFigures(None, None, 0, execution_provider, reason), None, "latency not measured")
+            continue
+        sess = session(model, execution_provider)
+        if execution_provider not in sess.get_providers():
+            reason = f"ONNX Runtime lists {execution_provider} but the session fell back to {sess.get_providers()}"
+            out[name] = Timing(LatencyFigures(None, None, 0, execution_provider, reason), None, "latency not measured")
+            continue
+        feeds = _feeds(data, fixed_batch(model) or 1, runs)
+        output = sess.get_outputs()[0].name
+        for feed in feeds[:warmup]:
+            run(sess, [output], feed)  # surfaces run-time failures before anything is timed
+        sessions[name] = (sess, output, feeds)
+    timings: dict[str, list[float]] = {name: [] for name in sessions}
+    energy: dict[str, float | None] = dict.fromkeys(sessions, 0.0)
+    for _ in range(rounds):
+        for name, (sess, output, feeds) in sessions.items():
+            start_energy = _read_energy_uj()
+            for feed in feeds:
+                start = time.perf_counter_ns()
+                sess.run([output], feed)
+                timings[name].append((time.perf_counter_ns() - start) / 1e6)
+            end_energy = _read_energy_uj()
+            spent = energy[name]
+            if spent is None or start_energy is None or end_energy is None or end_energy < start_energy:
+                energy[name] = None  # unreadable, or the counter wrapped
+            else:
+                energy[name] = spent + (end_energy - start_energy) / 1e6
+    for name, values in timings.items():
+        figures = LatencyFigures(
+            p50_ms=float(np.percentile(values, 50)),
+            p95_ms=float(np.percentile(values, 95)),
+            runs=len(values),
+            execution_provider=execution_provider,
+        )
+        joules = energy[name]
+        # Package energy over the timed runs: includes whatever else ran meanwhile; an upper bound.
+        per_inference = joules / len(values) if joules is not None else None
+        out[name] = Timing(figures, per_inference, None if per_inference is not None else _energy_reason())
+    return out
 
 
 class ModelEvaluator:
@@ -196,30 +236,36 @@ class ModelEvaluator:
         execution_provider: str = CPU_EP,
         metric: Metric | None = None,
         *,
-        latency_runs: int = 60,
+        latency_rounds: int = 5,
     ) -> None:
+        self.batch = fixed_batch(reference)
+        if self.batch is not None:
+            # A model with a fixed batch dimension only takes whole batches of that size.
+            usable = len(data) - len(data) % self.batch
+            if usable == 0:
+                raise DataError("<data>", f"the model takes batches of exactly {self.batch}; the data has {len(data)}")
+            data = data.take(usable)
         self.data = data
         self.execution_provider = execution_provider
-        self.latency_runs = latency_runs
-        self.reference_outputs = run_batches(session(reference), data)
+        self.latency_rounds = latency_rounds
+        self.reference_outputs = run_batches(session(reference), data, self.batch or 64)
         self.metric: Metric = choose_metric(metric, self.reference_outputs, data.labels)
         self._classifier = self.reference_outputs.ndim == 2 and self.reference_outputs.shape[1] > 1
 
     def outputs(self, model: onnx.ModelProto) -> Array:
         """The first output of ``model`` over the data (CPU: exact kernels for accuracy)."""
-        return run_batches(session(model), self.data)
+        return run_batches(session(model), self.data, self.batch or 64)
 
     def score(self, model: onnx.ModelProto) -> float:
         """The metric as a higher-is-better score."""
         return score_outputs(self.metric, self.outputs(model), self.reference_outputs, self.data.labels)[0]
 
     def latency_ms(self, model: onnx.ModelProto) -> float | None:
-        """Median single-sample latency on the target EP, ``None`` when it cannot run here."""
-        figures, _, _ = measure_latency(model, self.data, self.execution_provider, runs=max(10, self.latency_runs // 3))
-        return figures.p50_ms
+        """Median latency of one request on the target EP, ``None`` when it cannot run here."""
+        timing = interleaved_latency({"model": model}, self.data, self.execution_provider, rounds=2, runs=20)
+        return timing["model"].latency.p50_ms
 
-    def evaluate(self, model: onnx.ModelProto) -> Evaluation:
-        """Every figure for ``model``."""
+    def _quality(self, model: onnx.ModelProto, timing: Timing) -> Evaluation:
         baseline_kib = _vm_kib("VmRSS")
         peak_ok = _reset_peak_rss()
         outputs = self.outputs(model)
@@ -231,9 +277,6 @@ class ModelEvaluator:
             if self._classifier
             else None
         )
-        latency, energy, energy_reason = measure_latency(
-            model, self.data, self.execution_provider, runs=self.latency_runs
-        )
         return Evaluation(
             metric=self.metric,
             score=score,
@@ -241,8 +284,36 @@ class ModelEvaluator:
             agreement=agreement,
             cosine_similarity=_cosine(outputs, self.reference_outputs),
             size_bytes=len(serialize(model)),
-            latency=latency,
+            latency=timing.latency,
             peak_memory_bytes=max(peak, 0) if peak is not None else None,
-            energy_joules_per_inference=energy,
-            energy_unavailable_reason=energy_reason,
+            energy_joules_per_inference=timing.energy_joules_per_inference,
+            energy_unavailable_reason=timing.energy_unavailable_reason,
         )
+
+    def evaluate_all(self, models: Mapping[str, onnx.ModelProto]) -> dict[str, Evaluation | ModelError]:
+        """Every figure for each model, latency measured for all of them together (interleaved).
+
+        A model ONNX Runtime cannot load or run gets its :class:`ModelError` instead of figures,
+        so one broken candidate does not stop the others from being judged.
+        """
+        runnable: dict[str, onnx.ModelProto] = {}
+        failures: dict[str, ModelError] = {}
+        for name, model in models.items():
+            try:
+                self.outputs(model)
+            except ModelError as exc:
+                failures[name] = exc
+            else:
+                runnable[name] = model
+        timings = interleaved_latency(runnable, self.data, self.execution_provider, rounds=self.latency_rounds)
+        results: dict[str, Evaluation | ModelError] = {}
+        for name in models:
+            results[name] = failures[name] if name in failures else self._quality(runnable[name], timings[name])
+        return results
+
+    def evaluate(self, model: onnx.ModelProto) -> Evaluation:
+        """Every figure for one model (raises :class:`ModelError` if ONNX Runtime cannot run it)."""
+        result = self.evaluate_all({"model": model})["model"]
+        if isinstance(result, ModelError):
+            raise result
+        return result

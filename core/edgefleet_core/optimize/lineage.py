@@ -50,9 +50,13 @@ class Lineage:
     """Where a variant came from; its id is the digest of this record."""
 
     source_digest: str
+    """Digest of the source model's content, external data included."""
     passes: list[dict[str, Any]]
     data_digest: str | None
     seed: int
+    target: dict[str, Any] = field(default_factory=dict)
+    """What the passes were told about the target (provider, precisions, budget, metric): the same
+    recipe gives a different variant for a CPU class than for an OpenVINO class."""
     tools: dict[str, str] = field(default_factory=tool_versions)
 
     @property
@@ -62,9 +66,15 @@ class Lineage:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def lineage_for(source_digest: str, passes: Sequence[PassSpec], data_digest: str | None, seed: int) -> Lineage:
-    """The lineage of applying ``passes`` to the source."""
-    return Lineage(source_digest, [canonical_pass(p) for p in passes], data_digest, seed)
+def lineage_for(
+    source_digest: str,
+    passes: Sequence[PassSpec],
+    data_digest: str | None,
+    seed: int,
+    target: dict[str, Any] | None = None,
+) -> Lineage:
+    """The lineage of applying ``passes`` to the source for a target."""
+    return Lineage(source_digest, [canonical_pass(p) for p in passes], data_digest, seed, dict(target or {}))
 
 
 def default_cache_dir() -> Path:
@@ -98,7 +108,7 @@ class VariantCache:
         return model, records
 
     def put(self, variant_id: str, model: onnx.ModelProto, records: list[dict[str, Any]]) -> None:
-        """Store a variant; concurrent writers of the same id are harmless (same content)."""
+        """Store a variant (same id, same content: a concurrent writer losing the race loses nothing)."""
         write_dir_atomic(
             self.root / variant_id,
             {"model.onnx": serialize(model), "passes.json": json.dumps(records, indent=1).encode()},

@@ -40,10 +40,15 @@ class LoadedModel:
 
     model: onnx.ModelProto
     digest: str
-    """Hex sha256 of the model file's bytes (external data not included)."""
+    """Hex sha256 of the model file's bytes (what an EdgeModel's ``source.sha256`` pins)."""
     path: Path
     notes: list[str] = field(default_factory=list)
     """What loading did to the model, e.g. an opset upgrade."""
+
+    @property
+    def content_digest(self) -> str:
+        """Digest of the loaded model, external data included: what variant ids are built on."""
+        return model_digest(self.model)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -115,7 +120,7 @@ def parse_model(data: bytes, source: str, base_dir: Path | None = None) -> onnx.
         external_data_helper.load_external_data_for_model(model, str(base_dir))
     try:
         onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, ValueError) as exc:  # ValueError: over 2 GiB in memory
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
         raise ModelError(source, f"invalid ONNX model: {first}") from None
     return model
@@ -131,7 +136,7 @@ def upgrade_opset(model: onnx.ModelProto, source: str, notes: list[str]) -> onnx
     try:
         upgraded = version_converter.convert_version(model, TARGET_OPSET)
         onnx.checker.check_model(upgraded)
-    except (RuntimeError, ValueError, onnx.checker.ValidationError, IndexError) as exc:
+    except (RuntimeError, ValueError, onnx.checker.ValidationError, IndexError, version_converter.ConvertError) as exc:
         notes.append(f"kept opset {opset}: upgrading to {TARGET_OPSET} failed ({type(exc).__name__})")
         logger.info("%s: opset upgrade failed: %s", source, exc)
         return model
@@ -233,7 +238,12 @@ def write_dir_atomic(out_dir: Path, files: Mapping[str, bytes]) -> None:
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
-        os.replace(staging, out_dir)
+        try:
+            os.replace(staging, out_dir)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out_dir)  # put the previous folder back where it was
+            raise
         _fsync_dir(out_dir.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 
-from edgefleet_core.errors import OptimizationError, PassNotApplicable
+from edgefleet_core.errors import ModelError, OptimizationError, PassNotApplicable
 from edgefleet_core.optimize.data import Dataset, input_specs
 from edgefleet_core.optimize.evaluate import Evaluation, Metric, ModelEvaluator
 from edgefleet_core.optimize.lineage import Lineage, VariantCache, canonical_pass, lineage_for
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 Objective = Literal["latency", "size", "balanced"]
 SLOWER_TOLERANCE = 1.05
 """A candidate whose p50 exceeds FP32's by more than this factor is slower (5 % absorbs timer noise)."""
+SLOWER_MIN_MS = 0.01
+"""...and by more than this many milliseconds: smaller differences are not resolvable on a busy machine."""
 SYNTHETIC_SAMPLES = 64
 MIN_SPLIT = 20
 """Data sets at least this large are split into calibration and evaluation halves."""
@@ -64,7 +67,7 @@ class PassRecord:
 
     type: str
     options: dict[str, Any]
-    status: Literal["applied", "skipped", "failed", "cached"]
+    status: Literal["applied", "skipped", "failed"]
     reason: str | None = None
     notes: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -138,13 +141,15 @@ def split_data(data: Dataset | None, model: onnx.ModelProto, seed: int) -> Evalu
         return EvaluationPlan(
             data, data, False, f"{len(data)} samples used for both calibration and evaluation (too few to split)"
         )
+    # A seeded permutation: a file sorted by class must not calibrate on some classes and judge on others.
+    order = np.random.default_rng(seed).permutation(len(data))
     half = len(data) // 2
-    calibration = Dataset(
-        {k: v[:half] for k, v in data.inputs.items()}, None if data.labels is None else data.labels[:half]
-    )
-    evaluation = Dataset(
-        {k: v[half:] for k, v in data.inputs.items()}, None if data.labels is None else data.labels[half:]
-    )
+
+    def part(indices: npt.NDArray[np.intp]) -> Dataset:
+        labels = None if data.labels is None else data.labels[indices]
+        return Dataset({k: v[indices] for k, v in data.inputs.items()}, labels)
+
+    calibration, evaluation = part(np.sort(order[:half])), part(np.sort(order[half:]))
     return EvaluationPlan(
         calibration,
         evaluation,
@@ -191,18 +196,21 @@ def _run_passes(
 
 def _verdict(candidate: Candidate, baseline: Evaluation, max_drop: float, memory_bytes: int | None) -> None:
     evaluation = candidate.evaluation
-    assert evaluation is not None
+    if evaluation is None:
+        candidate.accepted = False
+        return  # the rejection (why it could not be evaluated) is already set
     drop = baseline.score - evaluation.score
     reasons = []
     if drop > max_drop + 1e-12:
         reasons.append(f"{evaluation.metric} drops by {drop:.4f}, over the budget of {max_drop:.4f}")
     ours, theirs = evaluation.latency.p50_ms, baseline.latency.p50_ms
-    if ours is not None and theirs is not None and ours > theirs * SLOWER_TOLERANCE:
+    if ours is not None and theirs is not None and ours > theirs * SLOWER_TOLERANCE and ours - theirs > SLOWER_MIN_MS:
         reasons.append(
             f"slower than FP32 on {evaluation.latency.execution_provider}: p50 {ours:.3f} ms vs {theirs:.3f} ms"
         )
     if memory_bytes is not None:
-        needed = evaluation.size_bytes + (evaluation.peak_memory_bytes or 0)
+        # Peak RSS of loading and running it already includes the weights; the file size is the floor.
+        needed = max(evaluation.size_bytes, evaluation.peak_memory_bytes or 0)
         if needed > memory_bytes:
             reasons.append(f"needs about {needed} bytes of memory; the class has {memory_bytes}")
     failed = [r.type for r in candidate.passes if r.status == "failed"]
@@ -234,6 +242,50 @@ def _choose(candidates: list[Candidate], baseline: Evaluation, objective: Object
     return min(accepted, key=key)
 
 
+def _cached_records(raw: list[dict[str, Any]]) -> list[PassRecord] | None:
+    try:
+        return [PassRecord(**r) for r in raw]
+    except (TypeError, ValueError):
+        return None  # written by another version: rebuild
+
+
+def _build(
+    planned: CandidateRecipe,
+    source: LoadedModel,
+    ctx: PassContext,
+    target: dict[str, Any],
+    data_digest: str | None,
+    seed: int,
+    cache: VariantCache | None,
+    factory: Callable[[PassSpec], OptimizationPass[PassOptions]],
+    report: Progress,
+) -> Candidate:
+    lineage = lineage_for(source.content_digest, planned.passes, data_digest, seed, target)
+    cached = cache.get(lineage.variant_id) if cache is not None else None
+    records = _cached_records(cached[1]) if cached is not None else None
+    if cached is not None and records is not None:
+        model = cached[0]
+        for spec in planned.passes:
+            report.step("passes", f"{spec.type}: cached")
+    else:
+        cached = None
+        model, records = _run_passes(planned.passes, source.model, ctx, factory, report)
+        if cache is not None and not any(r.status == "failed" for r in records):
+            try:
+                cache.put(lineage.variant_id, model, [vars(r) for r in records])
+            except OSError as exc:  # the cache only saves time: never fail a run over it
+                logger.warning("could not cache variant %s: %s", lineage.variant_id, exc)
+    return Candidate(
+        planned.name,
+        planned.origin,
+        [canonical_pass(p) for p in planned.passes],
+        lineage,
+        records,
+        model,
+        cache_hit=cached is not None,
+    )
+
+
 def _sensitivity_evaluator(
     model: onnx.ModelProto,
     calibration: Dataset | None,
@@ -248,7 +300,7 @@ def _sensitivity_evaluator(
         p.options.sensitivity_samples for r in recipes for p in r.passes if isinstance(p.options, MixedPrecisionOptions)
     ]
     samples = calibration.take(max(wanted)) if wanted else calibration
-    return ModelEvaluator(model, samples, provider, metric, latency_runs=30)
+    return ModelEvaluator(model, samples, provider, metric, latency_rounds=2)
 
 
 def optimize_for_class(
@@ -267,7 +319,7 @@ def optimize_for_class(
     pass_factory: Callable[[PassSpec], OptimizationPass[PassOptions]] | None = None,
     progress: Progress | None = None,
     seed: int = 0,
-    latency_runs: int = 60,
+    latency_rounds: int = 5,
 ) -> ClassOptimization:
     """Build, measure and choose among candidate variants of ``source`` for ``device_class``."""
     factory = pass_factory or create_pass
@@ -280,10 +332,7 @@ def optimize_for_class(
         else:
             recipe, recipe_origin = auto_recipe(spec), f"auto for {provider} with {', '.join(spec.precisions)}"
     plan = split_data(data, source.model, seed)
-    evaluator = ModelEvaluator(source.model, plan.evaluation, provider, metric, latency_runs=latency_runs)
-    report.begin("baseline", 1)
-    baseline = evaluator.evaluate(source.model)
-    report.step("baseline", "FP32 measured")
+    evaluator = ModelEvaluator(source.model, plan.evaluation, provider, metric, latency_rounds=latency_rounds)
     recipes: list[CandidateRecipe] = candidate_recipes(
         recipe, recipe_origin, trainer_available=trainer is not None, has_data=plan.calibration is not None
     )
@@ -297,37 +346,30 @@ def optimize_for_class(
         max_accuracy_drop=max_accuracy_drop,
         seed=seed,
     )
+    target = {
+        "executionProvider": provider,
+        "precisions": sorted(spec.precisions),
+        "maxAccuracyDrop": max_accuracy_drop,
+        "metric": evaluator.metric,
+    }
     report.begin("passes", sum(len(r.passes) for r in recipes))
-    candidates: list[Candidate] = []
-    for planned in recipes:
-        lineage = lineage_for(source.digest, planned.passes, data_digest, seed)
-        cached = cache.get(lineage.variant_id) if cache is not None else None
-        if cached is not None:
-            model, raw = cached
-            records = [PassRecord(**{**r, "status": "cached"}) for r in raw]
-            for spec_ in planned.passes:
-                report.step("passes", f"{spec_.type}: cached")
-        else:
-            model, records = _run_passes(planned.passes, source.model, ctx, factory, report)
-            if cache is not None and not any(r.status == "failed" for r in records):
-                cache.put(lineage.variant_id, model, [vars(r) for r in records])
-        candidates.append(
-            Candidate(
-                planned.name,
-                planned.origin,
-                [canonical_pass(p) for p in planned.passes],
-                lineage,
-                records,
-                model,
-                cache_hit=cached is not None,
-            )
-        )
-    report.begin("evaluation", len(candidates))
+    candidates = [
+        _build(planned, source, ctx, target, data_digest, seed, cache, factory, report) for planned in recipes
+    ]
+    report.begin("evaluation", 1)
+    results = evaluator.evaluate_all({"FP32": source.model, **{c.name: c.model for c in candidates}})
+    report.step("evaluation", f"{len(candidates)} candidates and FP32 measured")
+    baseline = results["FP32"]
+    if isinstance(baseline, ModelError):
+        raise ModelError(str(source.path), baseline.problem)
     memory = spec.memory_bytes
     for candidate in candidates:
-        candidate.evaluation = evaluator.evaluate(candidate.model)
+        outcome = results[candidate.name]
+        if isinstance(outcome, ModelError):
+            candidate.rejection = f"cannot be evaluated: {outcome.problem}"
+        else:
+            candidate.evaluation = outcome
         _verdict(candidate, baseline, max_accuracy_drop, memory)
-        report.step("evaluation", f"{candidate.name}: {'accepted' if candidate.accepted else 'rejected'}")
     return ClassOptimization(
         device_class=device_class.metadata.name,
         execution_provider=provider,

@@ -45,6 +45,11 @@ def report_dict(source: LoadedModel, result: ClassOptimization) -> dict[str, Any
         "providersAvailableHere": available_providers(),
         "objective": result.objective,
         "maxAccuracyDrop": result.max_accuracy_drop,
+        "budgetUnit": (
+            "absolute mean error" if result.baseline.metric == "meanAbsoluteError" else "fraction (0.01 = 1 point)"
+        ),
+        "energyNote": "package-level RAPL energy over the timed runs divided by the runs: includes other "
+        "activity on the machine, an upper bound",
         "data": {"synthetic": result.plan.synthetic, "description": result.plan.description},
         "metric": result.baseline.metric,
         "baseline": _evaluation(result.baseline, result.baseline),

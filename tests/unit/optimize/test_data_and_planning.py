@@ -11,7 +11,7 @@ import pytest
 from edgefleet_core.errors import DataError
 from edgefleet_core.optimize import evaluate
 from edgefleet_core.optimize.data import Dataset, load_dataset
-from edgefleet_core.optimize.evaluate import choose_metric, measure_latency, score_outputs
+from edgefleet_core.optimize.evaluate import choose_metric, interleaved_latency, score_outputs
 from edgefleet_core.optimize.planner import auto_recipe, candidate_recipes, target_provider
 from edgefleet_core.resources import DeviceClass
 from edgefleet_core.resources.recipe import Recipe
@@ -79,17 +79,23 @@ def test_metric_follows_the_data() -> None:
 
 def test_latency_is_unmeasured_not_guessed_for_an_unavailable_provider() -> None:
     data = Dataset({"input": tiny_inputs(4)})
-    figures, energy, _ = measure_latency(tiny_cnn(), data, "TensorrtExecutionProvider")
-    assert figures.p50_ms is None
-    assert figures.unmeasured_reason == "TensorrtExecutionProvider is not available on this machine"
-    assert energy is None
+    timing = interleaved_latency({"m": tiny_cnn()}, data, "TensorrtExecutionProvider")["m"]
+    assert timing.latency.p50_ms is None
+    assert timing.latency.unmeasured_reason == "TensorrtExecutionProvider is not available on this machine"
+    assert timing.energy_joules_per_inference is None
 
 
 def test_latency_measured_on_cpu_and_energy_unavailable_without_rapl(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(evaluate, "RAPL_ENERGY", Path("/nonexistent/energy_uj"))
-    figures, energy, reason = measure_latency(
-        tiny_cnn(), Dataset({"input": tiny_inputs(4)}), "CPUExecutionProvider", runs=12
+    timings = interleaved_latency(
+        {"a": tiny_cnn(), "b": tiny_cnn(seed=2)}, Dataset({"input": tiny_inputs(4)}), rounds=2, runs=6
     )
+    figures, energy, reason = (
+        timings["a"].latency,
+        timings["a"].energy_joules_per_inference,
+        timings["a"].energy_unavailable_reason,
+    )
+    assert timings["b"].latency.runs == 12
     assert figures.p50_ms is not None
     assert figures.p95_ms is not None
     assert figures.p95_ms >= figures.p50_ms
