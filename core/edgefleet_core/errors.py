@@ -94,3 +94,46 @@ class TrainingUnsupported(EdgeFleetError):
         self.reason = reason
         """Why, e.g. ``op NonMaxSuppression is not supported for training``."""
         super().__init__(reason)
+
+
+class BundleError(EdgeFleetError):
+    """A bundle cannot be encoded or decoded: malformed, truncated, over a bound, or not matching its manifest."""
+
+
+class BundleVerificationError(BundleError):
+    """A decoded file does not match the sha256 or length its signed manifest pins: fatal for the bundle."""
+
+
+class SigningError(EdgeFleetError):
+    """Keys or signed metadata cannot be created, loaded or used (missing key file, wrong key type)."""
+
+
+class VerificationError(EdgeFleetError):
+    """Signed metadata or a target failed verification (tampering, rollback, freeze, wrong keys ...)."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        """What was being verified (a role, a target path)."""
+        self.reason = reason
+        """Why it was refused, e.g. the python-tuf error class and message."""
+        super().__init__(f"{what}: {reason}")
+
+
+class StoreError(EdgeFleetError):
+    """The artifact store failed. Subclasses say whether retrying can help."""
+
+
+class StoreNotFound(StoreError):
+    """No object under that key (or the bucket itself does not exist)."""
+
+
+class StoreAuthError(StoreError):
+    """The store refused our credentials; retrying will not help."""
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached or kept failing (5xx, connection errors) after retries."""
+
+
+class StoreLimitExceeded(StoreError):
+    """An object is larger than the size cap the caller set; nothing beyond the cap was read."""

@@ -1,0 +1,1 @@
+"""Artifact stores: where bundles and TUF metadata live (MinIO/S3 in a cluster, a folder when embedded)."""
