@@ -8,12 +8,9 @@ from typing import Annotated
 import typer
 
 from edgefleet_core import __version__
-from edgefleet_core.cli import bench_cmd, optimize_cmd, plugins, resources_cmd
+from edgefleet_core.cli import bench_cmd, bundle_cmd, keys_cmd, optimize_cmd, plugins, resources_cmd
 
-PLANNED_GROUPS = (
-    "bundle and keys (signed bundles), partition (plan CPU/accelerator cuts), gateway, agent, "
-    "accel-server, operator, up and demo"
-)
+PLANNED_GROUPS = "partition (plan CPU/accelerator cuts), gateway, agent, accel-server, operator, up and demo"
 
 
 def build_app() -> typer.Typer:
@@ -46,6 +43,9 @@ def build_app() -> typer.Typer:
         typer.echo(__version__)
 
     app.command(name="optimize")(optimize_cmd.optimize)
+    app.command(name="publish")(bundle_cmd.publish)
+    app.command(name="fetch")(bundle_cmd.fetch)
+    app.add_typer(keys_cmd.app, name="keys")
     app.add_typer(resources_cmd.app, name="resources")
     app.add_typer(bench_cmd.app, name="bench")
     for group in plugins.discover():

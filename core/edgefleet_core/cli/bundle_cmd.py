@@ -1,0 +1,182 @@
+"""``edgefleet publish`` and ``edgefleet fetch``: signed bundles in and out of an artifact store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edgefleet_core.errors import EdgeFleetError
+
+Store = Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket[/prefix].")]
+Endpoint = Annotated[
+    str | None, typer.Option(help="S3 endpoint (http://host:port); default AWS_ENDPOINT_URL or MINIO_ENDPOINT.")
+]
+AccessKey = Annotated[str | None, typer.Option(help="S3 access key; default AWS_ACCESS_KEY_ID or MINIO_ACCESS_KEY.")]
+SecretKey = Annotated[
+    str | None, typer.Option(help="S3 secret key; default AWS_SECRET_ACCESS_KEY or MINIO_SECRET_KEY.")
+]
+Namespace = Annotated[str, typer.Option(help="Namespace of the EdgeModel.")]
+MAX_REPORT_BYTES = 16 * 1024 * 1024
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=1)
+
+
+def _report_facts(report: Path | None, files: dict[str, bytes]) -> dict[str, Any]:
+    """Variant id, lineage, recipe and metrics from an `edgefleet optimize` report, or from the files."""
+    if report is None:
+        digests = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
+        # Without a pipeline report the content address is that of the files themselves.
+        variant = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+        return {"variant_id": variant, "lineage": {"files": digests}, "recipe": [], "metrics": {}}
+    if report.stat().st_size > MAX_REPORT_BYTES:
+        raise EdgeFleetError(f"{report}: report is over {MAX_REPORT_BYTES} bytes")
+    try:
+        body = json.loads(report.read_text(encoding="utf-8"))
+        chosen = next(c for c in body["candidates"] if c["name"] == body["chosen"])
+        evaluation = chosen["evaluation"]
+        metrics = {
+            "accuracy": evaluation["metric_value"],
+            "accuracyDelta": evaluation["accuracy_delta"],
+            "sizeBytes": evaluation["size_bytes"],
+        }
+        for key, value in (("p50Ms", evaluation["latency"]["p50_ms"]), ("p95Ms", evaluation["latency"]["p95_ms"])):
+            if value is not None:
+                metrics[key] = value
+        return {
+            "variant_id": chosen["variantId"],
+            "lineage": chosen["lineage"],
+            "recipe": chosen["recipe"],
+            "metrics": metrics,
+        }
+    except (ValueError, KeyError, TypeError, StopIteration) as exc:
+        raise EdgeFleetError(f"{report}: not an edgefleet optimize report ({type(exc).__name__}: {exc})") from None
+
+
+def publish(
+    files: Annotated[list[Path], typer.Argument(help="model.onnx, or head.onnx and tail.onnx.")],
+    store: Store,
+    keys: Annotated[Path, typer.Option("--keys", help="Key folder from `edgefleet keys init`.")],
+    model: Annotated[str, typer.Option("--model", help="EdgeModel name.")],
+    version: Annotated[str, typer.Option("--version", help="The new version (versions are immutable).")],
+    device_class: Annotated[str, typer.Option("--device-class", help="DeviceClass the files are built for.")],
+    namespace: Namespace = "default",
+    report: Annotated[
+        Path | None, typer.Option(help="report.json of `edgefleet optimize`: lineage and metrics for the manifest.")
+    ] = None,
+    endpoint: Endpoint = None,
+    access_key: AccessKey = None,
+    secret_key: SecretKey = None,
+) -> None:
+    """Encode, sign and publish a bundle; with an earlier version present, a delta bundle too."""
+    from edgefleet_core.bundle.distribution import (
+        BundleRef,
+        build_bundles,
+        fetch_bundle,
+        publish_bundles,
+        published_versions,
+        version_key,
+    )
+    from edgefleet_core.optimize.model_io import parse_model, write_file_atomic
+    from edgefleet_core.signing.client import TufClient
+    from edgefleet_core.signing.fetcher import StoreFetcher
+    from edgefleet_core.signing.keys import KeySet
+    from edgefleet_core.signing.repository import TufRepository
+    from edgefleet_core.store.url import open_store
+
+    try:
+        contents = {path.name: path.read_bytes() for path in files}
+        for name, data in contents.items():
+            parse_model(data, name)  # never sign something that is not a model
+        facts = _report_facts(report, contents)
+        artifacts = open_store(store, endpoint=endpoint, access_key=access_key, secret_key=secret_key)
+        repository = TufRepository(artifacts, KeySet.load(keys))
+        root_file = keys / "root.json"
+        if not artifacts.list("tuf/metadata/"):
+            repository.initialize()
+            write_file_atomic(root_file, repository.trusted_root())
+            typer.echo(f"initialized the repository; clients trust {root_file}")
+        ref = BundleRef(namespace, model, device_class)
+        with tempfile.TemporaryDirectory() as metadata:
+            # The publisher reads its own repository back through TUF, like any device would.
+            client = TufClient(StoreFetcher(artifacts), repository.trusted_root(), Path(metadata))
+            client.refresh()
+            existing = published_versions(client, ref)
+            if version in existing:
+                raise EdgeFleetError(f"{namespace}/{model} {version} for {device_class} is already published")
+            earlier = [v for v in existing if version_key(v) < version_key(version)]
+            base = None
+            if earlier:
+                previous = fetch_bundle(client, BundleRef(namespace, model, device_class, earlier[-1]))
+                base = (earlier[-1], previous.files)
+        bundles = build_bundles(contents, ref, version, partition_plan=None, base=base, **facts)
+        versions = publish_bundles(repository, bundles)
+    except EdgeFleetError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"{exc.filename or ''} {exc.strerror or exc}".strip()) from None
+    decoded = sum(len(data) for data in contents.values())
+    for built in bundles:
+        encoded = sum(len(p) for p in built.payloads.values())
+        kind = "delta" if built.prefix.rsplit("/", 1)[-1].startswith("delta-from-") else "full"
+        typer.echo(f"{kind:5} {built.prefix}: {encoded} bytes for {decoded} ({decoded / max(encoded, 1):.1f}x)")
+    typer.echo(f"published; targets version {versions.targets}, timestamp version {versions.timestamp}")
+
+
+def fetch(
+    store: Store,
+    trusted_root: Annotated[Path, typer.Option("--trusted-root", help="root.json to trust (from the publisher).")],
+    model: Annotated[str, typer.Option("--model", help="EdgeModel name.")],
+    device_class: Annotated[str, typer.Option("--device-class", help="DeviceClass to fetch for.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the verified, decoded files and manifest.")],
+    namespace: Namespace = "default",
+    version: Annotated[str | None, typer.Option(help="Version to fetch; default the newest.")] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="An earlier `fetch --out` folder: use a delta against it when published.")
+    ] = None,
+    metadata_dir: Annotated[
+        Path | None, typer.Option(help="Where verified TUF metadata is kept between runs (rollback protection).")
+    ] = None,
+    endpoint: Endpoint = None,
+    access_key: AccessKey = None,
+    secret_key: SecretKey = None,
+) -> None:
+    """Fetch a bundle, verify every byte against signed metadata, decode, and write it to --out."""
+    from edgefleet_core.bundle.distribution import MANIFEST, BundleRef, fetch_bundle, manifest_json
+    from edgefleet_core.bundle.manifest import parse_manifest
+    from edgefleet_core.optimize.lineage import default_cache_dir
+    from edgefleet_core.optimize.model_io import write_dir_atomic
+    from edgefleet_core.signing.client import TufClient
+    from edgefleet_core.signing.fetcher import StoreFetcher
+    from edgefleet_core.store.url import open_store
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise _fail(f"{out} exists and is not an earlier `edgefleet fetch` output; choose a new folder")
+    try:
+        root = trusted_root.read_bytes()
+        state = metadata_dir or default_cache_dir() / "tuf" / hashlib.sha256(store.encode() + root).hexdigest()
+        artifacts = open_store(store, endpoint=endpoint, access_key=access_key, secret_key=secret_key)
+        client = TufClient(StoreFetcher(artifacts), root, state)
+        held = None
+        if base is not None:
+            base_manifest = parse_manifest((base / MANIFEST).read_bytes())
+            held = (base_manifest.version, {f.name: (base / f.name).read_bytes() for f in base_manifest.files})
+        fetched = fetch_bundle(client, BundleRef(namespace, model, device_class, version), base=held)
+        write_dir_atomic(out, {**fetched.files, MANIFEST: manifest_json(fetched.manifest)})
+    except EdgeFleetError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"{exc.filename or ''} {exc.strerror or exc}".strip()) from None
+    manifest = fetched.manifest
+    how = "as a delta" if fetched.delta else "in full"
+    typer.echo(
+        f"verified {namespace}/{model} {manifest.version} for {device_class} ({fetched.transferred_bytes} bytes "
+        f"{how}); wrote {', '.join(sorted(fetched.files))} to {out}"
+    )

@@ -1,0 +1,94 @@
+"""``edgefleet keys``: the signing keys of a bundle repository (TUF roles, Ed25519)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from edgefleet_core.errors import EdgeFleetError, SigningError
+
+app = typer.Typer(help="Create signing keys, and put them in a Kubernetes Secret for the operator.")
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="New folder for the key files (created 0700, files 0600).")],
+    root_keys: Annotated[int, typer.Option(min=1, max=16, help="Root keys to create.")] = 1,
+    root_threshold: Annotated[int, typer.Option(min=1, max=16, help="Root signatures a new root needs.")] = 1,
+    force: Annotated[bool, typer.Option(help="Replace keys already in DIRECTORY.")] = False,
+) -> None:
+    """Create root, targets, snapshot and timestamp keys in DIRECTORY."""
+    from edgefleet_core.signing.keys import KeySet
+
+    if root_threshold > root_keys:
+        raise typer.BadParameter(
+            f"cannot need {root_threshold} signatures from {root_keys} keys", param_hint="--root-threshold"
+        )
+    try:
+        keys = KeySet.generate(root_keys=root_keys, root_threshold=root_threshold)
+        keys.save(directory, overwrite=force)
+    except SigningError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    except OSError as exc:
+        typer.echo(f"error: cannot write {directory}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(
+        f"created {root_keys} root key(s) (threshold {root_threshold}) and targets, snapshot and timestamp keys "
+        f"in {directory}"
+    )
+    typer.echo("keep the root keys offline; the operator only needs targets, snapshot and timestamp")
+
+
+@app.command()
+def secret(
+    directory: Annotated[Path, typer.Argument(help="A key folder made by `edgefleet keys init`.")],
+    name: Annotated[str, typer.Option(help="Secret name.")] = "edgefleet-signing-keys",
+    namespace: Annotated[str, typer.Option(help="Secret namespace.")] = "edgefleet-system",
+) -> None:
+    """Print the keys as a Kubernetes Secret manifest (pipe to ``kubectl apply -f -``)."""
+    from edgefleet_core.signing.keys import KeySet
+
+    try:
+        keys = KeySet.load(directory)
+    except SigningError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    data = keys.to_secret_data()
+    # Secret data values are base64 by definition; check what the key set gave us before printing.
+    for key, value in data.items():
+        base64.b64decode(value, validate=True)
+        if not key.replace(".", "").replace("-", "").replace("_", "").isalnum():
+            raise SigningError(f"key file name {key!r} is not a valid Secret data key")
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "edgefleet"}},
+        "type": "Opaque",
+        "data": data,
+    }
+    typer.echo(yaml.safe_dump(manifest, sort_keys=False), nl=False)
+
+
+@app.command()
+def rotate(
+    store: Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket[/prefix].")],
+    keys: Annotated[Path, typer.Option("--keys", help="The key folder the repository is signed with now.")],
+    new_keys: Annotated[Path, typer.Option("--new-keys", help="A key folder from `keys init` to rotate to.")],
+) -> None:
+    """Rotate the repository's keys: a new root signed by the old and new root keys (TUF rotation)."""
+    from edgefleet_core.signing.keys import KeySet
+    from edgefleet_core.signing.repository import TufRepository
+    from edgefleet_core.store.url import open_store
+
+    try:
+        repository = TufRepository(open_store(store), KeySet.load(keys))
+        versions = repository.rotate_root(KeySet.load(new_keys))
+    except EdgeFleetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"root is now version {versions.root}; clients that trust an older root follow the chain to it")
