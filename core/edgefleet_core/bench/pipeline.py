@@ -35,8 +35,6 @@ from edgefleet_core.samples.models import SampleModel, build
 from edgefleet_core.training import load_trainer
 
 CALIBRATION_SAMPLES = 256
-MARK_BEGIN = "<!-- bench:pipeline:begin -->"
-MARK_END = "<!-- bench:pipeline:end -->"
 
 
 @dataclass(frozen=True)
@@ -190,8 +188,8 @@ def int8_static(split: DigitsSplit, quick: bool) -> dict[str, Any]:
     }
 
 
-def prune_and_cluster(split: DigitsSplit, quick: bool) -> dict[str, Any]:
-    """90 % magnitude pruning with fine-tuning, distillation, then 4-bit clustering, on the big MLP."""
+def compress_mlp(split: DigitsSplit, quick: bool) -> tuple[SampleModel, onnx.ModelProto, list[dict[str, Any]]]:
+    """The over-parameterized MLP pruned 90 %, distilled and clustered to 4 bits (shared with the bundle bench)."""
     sample = build("overparameterized-mlp", quick=quick, split=split)
     ctx = _context(sample, split, 0.01)
     # 90 % of the weights gone needs real recovery: 5 epochs after each of 3 pruning steps, then
@@ -202,6 +200,12 @@ def prune_and_cluster(split: DigitsSplit, quick: bool) -> dict[str, Any]:
         {"type": "Distillation", "distillation": {"epochs": 2 * epochs, "alpha": 0.5}},
         {"type": "WeightClustering", "weightClustering": {"bits": 4}},
     ), ctx)  # fmt: skip
+    return sample, compressed, records
+
+
+def prune_and_cluster(split: DigitsSplit, quick: bool) -> dict[str, Any]:
+    """90 % magnitude pruning with fine-tuning, distillation, then 4-bit clustering, on the big MLP."""
+    sample, compressed, records = compress_mlp(split, quick)
     latency = compare_latency({"fp32": sample.model, "pruned-clustered": compressed}, sample.test_inputs, rounds=2)
     fp32 = _figures("fp32", sample.model, sample, latency)
     mine = _figures("pruned-clustered", compressed, sample, latency)
@@ -359,16 +363,17 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(document: dict[str, Any], out: Path, markdown_file: Path | None) -> None:
-    """Write the JSON results, and replace the marked section of a Markdown file with the table."""
+def write_results(document: dict[str, Any], out: Path, markdown_file: Path | None, *, mark: str, table: str) -> None:
+    """Write the JSON results, and replace the ``bench:<mark>`` section of a Markdown file with ``table``."""
     write_file_atomic(out, (json.dumps(document, indent=2) + "\n").encode())
     if markdown_file is None:
         return
+    begin, end = f"<!-- bench:{mark}:begin -->", f"<!-- bench:{mark}:end -->"
     text = markdown_file.read_text(encoding="utf-8") if markdown_file.exists() else ""
-    block = f"{MARK_BEGIN}\n{markdown(document)}\n{MARK_END}"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text + ("\n" if text else "") + block + "\n"
     write_file_atomic(markdown_file, text.encode())

@@ -26,8 +26,31 @@ def pipeline(
     if unknown:
         raise typer.BadParameter(f"unknown scenario(s) {unknown}; known: {', '.join(bench.SCENARIOS)}")
     document = bench.run(only, quick=quick, progress=typer.echo)
-    bench.write_results(document, out, markdown)
-    typer.echo(bench.markdown(document))
+    table = bench.markdown(document)
+    bench.write_results(document, out, markdown, mark="pipeline", table=table)
+    typer.echo(table)
+    missed = [t["name"] for s in document["scenarios"] for t in s["targets"] if not t["met"]]
+    if missed:
+        typer.echo(f"targets missed: {', '.join(missed)}", err=True)
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def bundles(
+    out: Annotated[Path, typer.Option(help="Results JSON.")] = Path("bench/results/bundles.json"),
+    markdown: Annotated[
+        Path | None, typer.Option(help="Markdown file whose bench:bundles section gets the table.")
+    ] = Path("BENCHMARKS.md"),
+    quick: Annotated[bool, typer.Option(help="Fewer epochs and a 5 MB bundle: a smoke run, not the figures.")] = False,
+) -> None:
+    """Bundle sizes (Deep-Compression end to end, Huffman vs fixed width vs zstd, delta) and verify throughput."""
+    from edgefleet_core.bench import bundles as bench
+    from edgefleet_core.bench.pipeline import write_results
+
+    document = bench.run(quick=quick, progress=typer.echo)
+    table = bench.markdown(document)
+    write_results(document, out, markdown, mark="bundles", table=table)
+    typer.echo(table)
     missed = [t["name"] for s in document["scenarios"] for t in s["targets"] if not t["met"]]
     if missed:
         typer.echo(f"targets missed: {', '.join(missed)}", err=True)
