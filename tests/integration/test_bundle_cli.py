@@ -162,7 +162,8 @@ def test_keys_go_into_a_kubernetes_secret(tmp_path: Path) -> None:
     from edgefleet_core.signing.keys import KeySet
 
     restored = KeySet.from_secret_data(secret["data"])
-    assert restored.to_files() == KeySet.load(keys).to_files()
+    assert restored.online_only  # the operator's Secret carries no root private key
+    assert restored.to_files() == KeySet.load(keys).to_files(online_only=True)
     code, output = cli("keys", "init", str(keys))
     assert code == 1  # never silently replace signing keys
 
@@ -184,3 +185,29 @@ def test_root_rotation_through_the_cli(optimized: Path, tmp_path: Path) -> None:
     # The rotated-out keys can no longer publish anything a client accepts.
     code, _ = _publish(store, old, "3", optimized / "model.onnx")
     assert code == 1
+
+
+def test_the_timestamp_is_refreshed_with_the_online_keys(optimized: Path, tmp_path: Path) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    keys = tmp_path / "keys"
+    cli("keys", "init", str(keys))
+    assert _publish(store, keys, "1", optimized / "model.onnx")[0] == 0
+    code, output = cli("keys", "refresh", "--store", store, "--keys", str(keys))
+    assert code == 0, output
+    assert "timestamp is now version 3" in output
+    assert _fetch(store, keys, tmp_path / "device", tmp_path / "meta")[0] == 0
+
+
+def test_fetch_never_replaces_a_folder_that_is_not_its_output(optimized: Path, tmp_path: Path) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    keys = tmp_path / "keys"
+    cli("keys", "init", str(keys))
+    assert _publish(store, keys, "1", optimized / "model.onnx")[0] == 0
+    web_app = tmp_path / "web-app"
+    web_app.mkdir()
+    (web_app / "manifest.json").write_text('{"name": "my web app"}', encoding="utf-8")
+    (web_app / "index.html").write_text("<html></html>", encoding="utf-8")
+    code, output = _fetch(store, keys, web_app, tmp_path / "meta")
+    assert code == 1
+    assert "is not an earlier `edgefleet fetch` output" in output
+    assert (web_app / "index.html").exists()

@@ -8,21 +8,27 @@ through the real TUF client and a local store.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import zstandard
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet_core.bench.measure import accuracy, machine
-from edgefleet_core.bench.pipeline import Target, compress_mlp
+from edgefleet_core.bench.pipeline import Target, compress_mlp, mlp_recipe
 from edgefleet_core.bundle.codec import EncodedFile, decode_model, encode_model
 from edgefleet_core.bundle.distribution import BundleRef, build_bundles, fetch_bundle, publish_bundles
-from edgefleet_core.optimize.model_io import serialize
+from edgefleet_core.optimize.lineage import canonical_pass, lineage_for
+from edgefleet_core.optimize.model_io import model_digest, serialize
 from edgefleet_core.optimize.passes.base import PassContext
 from edgefleet_core.optimize.passes.clustering import WeightClusteringPass
 from edgefleet_core.optimize.runtime import session
@@ -38,23 +44,43 @@ from edgefleet_core.store.local import LocalStore
 MARK = "bundles"
 
 
-def _bundle_bytes(model: bytes, name: str) -> tuple[int, EncodedFile]:
+def _bundle_bytes(
+    model: bytes,
+    name: str,
+    *,
+    lineage: Mapping[str, Any] | None = None,
+    recipe: list[Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+) -> tuple[int, EncodedFile]:
     """Bytes a device downloads for ``model``: the signed manifest plus the encoded payload."""
-    (full,) = build_bundles({"model.onnx": model}, BundleRef("bench", name, "cpu"), "1",
-                            variant_id="0" * 64, lineage={}, recipe=[], metrics={})  # fmt: skip
+    variant = lineage_variant(lineage) if lineage else "0" * 64
+    (full,) = build_bundles({"model.onnx": model}, BundleRef("bench", name, "cpu"), "1", variant_id=variant,
+                            lineage=lineage or {}, recipe=recipe or [], metrics=metrics or {})  # fmt: skip
     payload = full.encodings["model.onnx"]
     return len(full.manifest.canonical_json()) + len(payload.payload), payload
 
 
-def _index_codings(encoded: EncodedFile) -> dict[str, int]:
-    """Sizes of clustered tensors' indices under each coding, summed over the clustered tensors."""
-    sums = {"huffman": 0, "sparse_huffman": 0, "fixed": 0, "zstd": 0, "tensors": 0}
+def lineage_variant(lineage: Mapping[str, Any]) -> str:
+    """The variant id of a lineage record (as the pipeline computes it)."""
+    return hashlib.sha256(json.dumps(lineage, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _index_codings(encoded: EncodedFile, model: onnx.ModelProto) -> dict[str, int]:
+    """Sizes of clustered tensors' indices under each coding, summed over the clustered tensors.
+
+    ``zstd_indices`` is zstd of the same index stream the Huffman coder gets (one byte per index):
+    the like-for-like comparison; ``zstd`` is zstd of the tensor's float bytes.
+    """
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    sums = {"huffman": 0, "sparse_huffman": 0, "fixed": 0, "zstd": 0, "zstd_indices": 0, "tensors": 0}
     for tensor in encoded.tensors:
         candidates = tensor.candidates
         if "clustered-huffman" in candidates and "clustered-fixed" in candidates:
             sums["huffman"] += candidates["clustered-huffman"]
             sums["fixed"] += candidates["clustered-fixed"]
             sums["zstd"] += candidates.get("zstd", tensor.decoded_bytes)
+            _, indices = np.unique(arrays[tensor.name], return_inverse=True)
+            sums["zstd_indices"] += len(zstandard.ZstdCompressor(level=19).compress(indices.astype(np.uint8).tobytes()))
             # The run-length coding applies to sparse tensors only; elsewhere the element-wise one stands.
             sums["sparse_huffman"] += candidates.get("clustered-sparse-huffman", candidates["clustered-huffman"])
             sums["tensors"] += 1
@@ -63,15 +89,25 @@ def _index_codings(encoded: EncodedFile) -> dict[str, int]:
 
 def deep_compression(split: DigitsSplit, quick: bool) -> dict[str, Any]:
     """The pipeline benchmark's pruned + clustered MLP as a bundle, against its FP32 file."""
-    sample, compressed, _ = compress_mlp(split, quick)
+    sample, compressed, records = compress_mlp(split, quick)
     fp32_bytes = len(serialize(sample.model))
     model_bytes = serialize(compressed)
-    bundle, encoded = _bundle_bytes(model_bytes, "mlp")
+    # The manifest a real publish carries: the variant's lineage, recipe and measured metrics.
+    recipe = mlp_recipe(quick)
+    lineage = asdict(
+        lineage_for(model_digest(sample.model), recipe, None, 0, {"executionProvider": "CPUExecutionProvider"})
+    )
+    # The metrics `edgefleet publish --report` carries (accuracy, its delta, size).
+    measured = accuracy(compressed, sample.test_inputs, sample.test_labels)
+    metrics = {"accuracy": measured, "accuracyDelta": measured - sample.accuracy, "sizeBytes": float(len(model_bytes))}
+    del records
+    bundle, encoded = _bundle_bytes(model_bytes, "mlp", lineage=lineage, recipe=[canonical_pass(p) for p in recipe],
+                                    metrics=metrics)  # fmt: skip
     decoded = decode_model(
         encoded.payload, encoded.codec, expected_sha256=encoded.sha256, expected_length=encoded.length
     )
     restored = onnx.load_model_from_string(decoded)
-    codings = _index_codings(encoded)
+    codings = _index_codings(encoded, compressed)
     ratio = fp32_bytes / bundle
     return {
         "scenario": "deep-compression",
@@ -104,12 +140,12 @@ def huffman_gain(split: DigitsSplit, quick: bool) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     for label, model in rows:
         _, encoded = _bundle_bytes(serialize(model), "m")
-        codings = _index_codings(encoded)
+        codings = _index_codings(encoded, model)
         results.append({
             "model": label,
             **codings,
             "huffman_gain_vs_fixed": 1 - codings["huffman"] / codings["fixed"],
-            "huffman_vs_zstd": codings["huffman"] / codings["zstd"],
+            "huffman_vs_zstd": codings["huffman"] / codings["zstd_indices"],
         })  # fmt: skip
     unpruned = results[1]
     return {
@@ -117,9 +153,24 @@ def huffman_gain(split: DigitsSplit, quick: bool) -> dict[str, Any]:
         "rows": results,
         "targets": [
             Target(
-                "Huffman saving vs fixed width, unpruned clustered CNN", unpruned["huffman_gain_vs_fixed"], 0.0, True
+                "Huffman saving vs fixed width, unpruned clustered CNN (reported)",
+                unpruned["huffman_gain_vs_fixed"],
+                0.0,
+                True,
             ).as_dict(),
-            Target("Huffman / zstd, pruned MLP", results[0]["huffman_vs_zstd"], 1.0, False).as_dict(),
+            # Reported comparisons (the issue sets no bound): the codec takes the smallest coding per tensor.
+            Target(
+                "Huffman / zstd of the same indices, pruned MLP (reported)",
+                results[0]["huffman_vs_zstd"],
+                float("inf"),
+                False,
+            ).as_dict(),
+            Target(
+                "Huffman / zstd of the same indices, unpruned CNN (reported)",
+                unpruned["huffman_vs_zstd"],
+                float("inf"),
+                False,
+            ).as_dict(),
         ],
     }
 
@@ -226,7 +277,7 @@ def throughput(split: DigitsSplit, quick: bool) -> dict[str, Any]:
         "bundle_bytes": transferred,
         "decoded_bytes": len(model),
         "seconds_median": statistics.median(seconds),
-        "targets": [Target("verify + decode MB/s (bundle bytes)", rate, 0.0, True).as_dict()],
+        "targets": [Target("verify + decode MB/s of bundle bytes (reported)", rate, 0.0, True).as_dict()],
     }
 
 
@@ -259,11 +310,12 @@ def markdown(document: dict[str, Any]) -> str:
             lines.append(f"| {scenario['scenario']} | {t['name']} | {t['value']:.3f} | {t['rule']} {t['bound']} | "
                          f"{'yes' if t['met'] else '**no**'} |")  # fmt: skip
     lines += ["", "Index bytes of the clustered tensors under each coding (the bundle takes the smallest per tensor):",
-              "", "| clustered model | tensors | fixed width | Huffman | sparse run-length Huffman | zstd | "
-              "Huffman saving vs fixed |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "", "| clustered model | tensors | fixed width | Huffman | sparse run-length Huffman | zstd of indices | "
+              "zstd of floats | Huffman saving vs fixed |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for scenario in document["scenarios"]:
         for row in scenario.get("rows", []):
             gain = row["huffman_gain_vs_fixed"] * 100
-            lines.append(f"| {row['model']} | {row['tensors']} | {row['fixed']} | {row['huffman']} | "
-                         f"{row['sparse_huffman']} | {row['zstd']} | {gain:.1f} % |")  # fmt: skip
+            cells = [row["model"], row["tensors"], row["fixed"], row["huffman"], row["sparse_huffman"],
+                     row["zstd_indices"], row["zstd"], f"{gain:.1f} %"]  # fmt: skip
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -188,18 +188,22 @@ def int8_static(split: DigitsSplit, quick: bool) -> dict[str, Any]:
     }
 
 
-def compress_mlp(split: DigitsSplit, quick: bool) -> tuple[SampleModel, onnx.ModelProto, list[dict[str, Any]]]:
-    """The over-parameterized MLP pruned 90 %, distilled and clustered to 4 bits (shared with the bundle bench)."""
-    sample = build("overparameterized-mlp", quick=quick, split=split)
-    ctx = _context(sample, split, 0.01)
+def mlp_recipe(quick: bool) -> list[PassSpec]:
+    """Prune 90 %, distil, cluster to 4 bits: the recipe of the compression scenario."""
     # 90 % of the weights gone needs real recovery: 5 epochs after each of 3 pruning steps, then
     # 10 of distillation (measured: 2 + 4 epochs leave a 1.4-point drop, 5 + 10 about 0.3).
     epochs = 1 if quick else 5
-    compressed, records = _apply(sample.model, _specs(
+    return _specs(
         {"type": "MagnitudePruning", "magnitudePruning": {"sparsity": 0.9, "steps": 3, "fineTuneEpochs": epochs}},
         {"type": "Distillation", "distillation": {"epochs": 2 * epochs, "alpha": 0.5}},
         {"type": "WeightClustering", "weightClustering": {"bits": 4}},
-    ), ctx)  # fmt: skip
+    )
+
+
+def compress_mlp(split: DigitsSplit, quick: bool) -> tuple[SampleModel, onnx.ModelProto, list[dict[str, Any]]]:
+    """The over-parameterized MLP after :func:`mlp_recipe` (shared with the bundle benchmark)."""
+    sample = build("overparameterized-mlp", quick=quick, split=split)
+    compressed, records = _apply(sample.model, mlp_recipe(quick), _context(sample, split, 0.01))
     return sample, compressed, records
 
 

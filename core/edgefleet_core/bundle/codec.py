@@ -107,6 +107,8 @@ class TensorCodec(IntEnum):
     """Delta: the same bytes as a tensor of the base model (by index, checked by sha256)."""
     CLUSTERED_SPARSE = 6
     """Pruned and clustered: (zero run, value index) pairs Huffman-coded, JPEG/Deep-Compression style."""
+    ZSTD_SHUFFLE = 7
+    """zstd of the bytes regrouped by byte position (Blosc's shuffle): float exponents compress together."""
 
 
 SPARSE_RUN = 15
@@ -120,6 +122,8 @@ zeros before it lets the code approach the entropy of the sparse tensor."""
 class IndexCoding(IntEnum):
     HUFFMAN = 0
     FIXED = 1
+    ZSTD = 2
+    """zstd of the indices as bytes (LZ77 finds repeats Huffman's per-symbol code cannot)."""
 
 
 class SkeletonKind(IntEnum):
@@ -247,9 +251,11 @@ def _hints(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
 
 def _index_streams(indices: npt.NDArray[np.integer], alphabet: int) -> dict[IndexCoding, bytes]:
     bits = max(1, math.ceil(math.log2(max(alphabet, 2))))
+    width = np.uint8 if alphabet <= 256 else np.dtype("<u2")
     return {
         IndexCoding.HUFFMAN: huffman.encode(indices, alphabet),
         IndexCoding.FIXED: huffman.pack_fixed(indices, bits),
+        IndexCoding.ZSTD: zstd_compress(np.ascontiguousarray(indices, dtype=width).tobytes()),
     }
 
 
@@ -272,6 +278,9 @@ def _candidates(
         "zstd": (TensorCodec.ZSTD, _blob(zstd_compress(payload))),
     }
     values = np.frombuffer(payload, dtype=_UINT_OF_SIZE[item_size])
+    if item_size > 1 and values.size:
+        planes = np.frombuffer(payload, dtype=np.uint8).reshape(-1, item_size).T
+        out["zstd-shuffle"] = (TensorCodec.ZSTD_SHUFFLE, _blob(zstd_compress(planes.tobytes())))
     if item_size == 1:
         out["symbols-huffman"] = (TensorCodec.SYMBOLS, _blob(huffman.encode(values, 256)))
     codebook, inverse = np.unique(values, return_inverse=True)
@@ -538,6 +547,12 @@ def _read_indices(r: Reader, count: int, alphabet: int) -> npt.NDArray[np.intege
     stream = r.blob("index stream")
     if coding == IndexCoding.HUFFMAN:
         indices = huffman.decode(stream, max_symbols=count)
+    elif coding == IndexCoding.ZSTD:
+        item = 1 if alphabet <= 256 else 2
+        raw = zstd_decompress(stream, count * item, "zstd index stream")
+        if len(raw) != count * item:
+            raise BundleError(f"zstd index stream holds {len(raw)} bytes, not {count} indices")
+        indices = np.frombuffer(raw, dtype=np.uint8 if item == 1 else np.dtype("<u2"))
     elif coding == IndexCoding.FIXED:
         if not 1 <= bits <= 8 or len(stream) != huffman.fixed_width_bytes(count, bits):
             raise BundleError(
@@ -590,6 +605,11 @@ def _read_body(r: Reader, codec: int, count: int, item_size: int, base: _BaseMod
         data = r.blob("raw tensor")
     elif codec == TensorCodec.ZSTD:
         data = zstd_decompress(r.blob("zstd tensor"), nbytes, "zstd tensor")
+    elif codec == TensorCodec.ZSTD_SHUFFLE:
+        planes = zstd_decompress(r.blob("shuffled tensor"), nbytes, "shuffled tensor")
+        if len(planes) != nbytes:
+            raise BundleError(f"shuffled tensor holds {len(planes)} bytes, its record says {nbytes}")
+        data = np.frombuffer(planes, dtype=np.uint8).reshape(item_size, count).T.tobytes()
     elif codec == TensorCodec.SYMBOLS:
         data = _read_symbols(r, count, uint)
     elif codec == TensorCodec.CLUSTERED:
@@ -610,7 +630,7 @@ def _read_body(r: Reader, codec: int, count: int, item_size: int, base: _BaseMod
 def _read_per_channel(r: Reader, count: int, uint: type[np.unsignedinteger]) -> bytes:
     item_size = np.dtype(uint).itemsize
     outer, channels, inner = r.u64("outer size"), r.u64("channels"), r.u64("inner size")
-    if outer * channels * inner != count or channels == 0:
+    if max(outer, channels, inner) > count or outer * channels * inner != count or channels == 0:
         raise BundleError(f"per-channel shape {outer}×{channels}×{inner} does not hold {count} elements")
     sizes = np.frombuffer(r.take(channels * 2, "codebook sizes"), dtype="<u2").astype(np.int64)
     if int(sizes.min()) < 1 or int(sizes.max()) > MAX_CODEBOOK:
@@ -716,14 +736,19 @@ def decode_model(
     """
     if expected_length < 0:
         raise BundleError(f"negative expected length {expected_length}")
-    if codec == TENSORS_CODEC:
-        data = _decode_tensors(payload, expected_length, base)
-    elif codec == ZSTD_CODEC:
-        data = zstd_decompress(payload, expected_length, "model")
-    elif codec == RAW_CODEC:
-        data = payload
-    else:
-        raise BundleError(f"unknown bundle codec {codec!r}")
+    try:
+        if codec == TENSORS_CODEC:
+            data = _decode_tensors(payload, expected_length, base)
+        elif codec == ZSTD_CODEC:
+            data = zstd_decompress(payload, expected_length, "model")
+        elif codec == RAW_CODEC:
+            data = payload
+        else:
+            raise BundleError(f"unknown bundle codec {codec!r}")
+    except (ValueError, OverflowError, IndexError, TypeError, MemoryError) as exc:
+        # The decoder checks every bound it knows of; anything numpy or protobuf still raises on a
+        # crafted payload is a malformed bundle too, never a crash of the caller.
+        raise BundleError(f"malformed payload: {type(exc).__name__}: {exc}") from None
     if len(data) != expected_length:
         raise BundleVerificationError(f"decoded file is {len(data)} bytes, the manifest says {expected_length}")
     digest = hashlib.sha256(data).hexdigest()

@@ -189,7 +189,8 @@ def published_versions(client: TufClient, ref: BundleRef) -> list[str]:
         rest = info.path[len(ref.model_prefix) :].split("/")
         if len(rest) == 2 and rest[1] == MANIFEST:
             versions.add(rest[0])
-    return sorted(versions, key=version_key)
+    # The raw string breaks ties ("1.0" vs "1-0"): the order is total and does not depend on hashing.
+    return sorted(versions, key=lambda v: (version_key(v), v))
 
 
 def _manifest(client: TufClient, path: str, ref: BundleRef, version: str) -> tuple[BundleManifest, int]:
@@ -210,6 +211,8 @@ def _decode(
     files: dict[str, bytes] = {}
     transferred = 0
     for entry in manifest.files:
+        if ROLES.get(entry.name) != entry.role:
+            raise BundleVerificationError(f"manifest file {entry.name!r} with role {entry.role!r} is not a bundle file")
         encoding = entry.encoding
         payload = client.download(f"{prefix}/{encoding.target}", max_length=encoding.length)
         transferred += len(payload)

@@ -390,6 +390,10 @@ def _parse_header(data: bytes, max_symbols: int) -> _Header:
         raise BundleError(f"maximum code length {max_length} exceeds {MAX_CODE_LENGTH}")
     if not MIN_BLOCK_LOG2 <= block_log2 <= MAX_BLOCK_LOG2:
         raise BundleError(f"sync block size 2**{block_log2} outside 2**{MIN_BLOCK_LOG2}..2**{MAX_BLOCK_LOG2}")
+    if block_log2 != _block_log2(count):
+        # The encoder's choice is a function of the count; any other block size only serves to make
+        # decoding slow (few lanes, many steps), so it is refused.
+        raise BundleError(f"sync block size 2**{block_log2} is not the one for {count} symbols")
     return _Header(max_length, block_log2, alphabet_size, count)
 
 

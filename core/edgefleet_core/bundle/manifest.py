@@ -20,7 +20,8 @@ from edgefleet_core.resources.base import DNS_SUBDOMAIN_PATTERN, SHA256_HEX_PATT
 BUNDLE_API_VERSION: Final = "edgefleet.io/bundle/v1"
 MAX_MANIFEST_BYTES: Final = 1 << 20
 """Largest manifest :func:`parse_manifest` reads; lineage and recipe are small, so 1 MiB is generous."""
-MAX_FILE_LENGTH: Final = 1 << 34
+MAX_FILE_LENGTH: Final = (1 << 31) - 1
+"""Largest decoded file: protobuf cannot hold a larger ONNX model (larger ones use external data)."""
 """Largest decoded or encoded file a manifest may declare (16 GiB): the decoder's allocation bound."""
 SAFE_FILE_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """A file name without folders: starts with a letter or digit, so never ``.``, ``..`` or hidden."""

@@ -60,6 +60,23 @@ def _report_facts(report: Path | None, files: dict[str, bytes]) -> dict[str, Any
         raise EdgeFleetError(f"{report}: not an edgefleet optimize report ({type(exc).__name__}: {exc})") from None
 
 
+def _check_replaceable(out: Path) -> None:
+    """``out`` is replaced whole: only a new folder or an earlier fetch output (a valid manifest) qualifies."""
+    from edgefleet_core.bundle.distribution import MANIFEST
+    from edgefleet_core.bundle.manifest import parse_manifest
+
+    if not out.exists():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    try:
+        parse_manifest((out / MANIFEST).read_bytes())
+    except (OSError, EdgeFleetError):
+        raise EdgeFleetError(
+            f"{out} exists and is not an earlier `edgefleet fetch` output; choose a new folder"
+        ) from None
+
+
 def publish(
     files: Annotated[list[Path], typer.Argument(help="model.onnx, or head.onnx and tail.onnx.")],
     store: Store,
@@ -91,6 +108,9 @@ def publish(
     from edgefleet_core.signing.repository import TufRepository
     from edgefleet_core.store.url import open_store
 
+    names = [path.name for path in files]
+    if len(set(names)) != len(names):
+        raise _fail(f"two files share a name: {sorted(names)}; a bundle holds each of its files once")
     try:
         contents = {path.name: path.read_bytes() for path in files}
         for name, data in contents.items():
@@ -157,11 +177,11 @@ def fetch(
     from edgefleet_core.signing.fetcher import StoreFetcher
     from edgefleet_core.store.url import open_store
 
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise _fail(f"{out} exists and is not an earlier `edgefleet fetch` output; choose a new folder")
     try:
+        _check_replaceable(out)
         root = trusted_root.read_bytes()
-        state = metadata_dir or default_cache_dir() / "tuf" / hashlib.sha256(store.encode() + root).hexdigest()
+        # Keyed by the store alone: the verified state must survive a new trusted root after a rotation.
+        state = metadata_dir or default_cache_dir() / "tuf" / hashlib.sha256(store.rstrip("/").encode()).hexdigest()
         artifacts = open_store(store, endpoint=endpoint, access_key=access_key, secret_key=secret_key)
         client = TufClient(StoreFetcher(artifacts), root, state)
         held = None

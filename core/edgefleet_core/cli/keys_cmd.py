@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Annotated
 
@@ -49,21 +48,20 @@ def secret(
     directory: Annotated[Path, typer.Argument(help="A key folder made by `edgefleet keys init`.")],
     name: Annotated[str, typer.Option(help="Secret name.")] = "edgefleet-signing-keys",
     namespace: Annotated[str, typer.Option(help="Secret namespace.")] = "edgefleet-system",
+    include_root_keys: Annotated[
+        bool,
+        typer.Option(help="Also put the root private keys in the Secret (not needed to publish; keep them offline)."),
+    ] = False,
 ) -> None:
-    """Print the keys as a Kubernetes Secret manifest (pipe to ``kubectl apply -f -``)."""
+    """Print the online keys (targets, snapshot, timestamp; root public keys) as a Kubernetes Secret manifest."""
     from edgefleet_core.signing.keys import KeySet
 
     try:
         keys = KeySet.load(directory)
+        data = keys.to_secret_data(online_only=not include_root_keys)
     except SigningError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
-    data = keys.to_secret_data()
-    # Secret data values are base64 by definition; check what the key set gave us before printing.
-    for key, value in data.items():
-        base64.b64decode(value, validate=True)
-        if not key.replace(".", "").replace("-", "").replace("_", "").isalnum():
-            raise SigningError(f"key file name {key!r} is not a valid Secret data key")
     manifest = {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -92,3 +90,21 @@ def rotate(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     typer.echo(f"root is now version {versions.root}; clients that trust an older root follow the chain to it")
+
+
+@app.command()
+def refresh(
+    store: Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket[/prefix].")],
+    keys: Annotated[Path, typer.Option("--keys", help="Key folder (the online keys are enough).")],
+) -> None:
+    """Re-sign the timestamp (and the snapshot when due): run at least daily, the timestamp expires after a day."""
+    from edgefleet_core.signing.keys import KeySet
+    from edgefleet_core.signing.repository import TufRepository
+    from edgefleet_core.store.url import open_store
+
+    try:
+        versions = TufRepository(open_store(store), KeySet.load(keys)).refresh_timestamp()
+    except EdgeFleetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"timestamp is now version {versions.timestamp} (snapshot {versions.snapshot})")

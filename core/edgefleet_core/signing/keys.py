@@ -10,18 +10,21 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import os
 import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 # securesystemslib re-exports these without ``as`` aliases, which mypy's strict mode rejects.
+from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import CryptoSigner, SSlibKey  # type: ignore[attr-defined]
 
 from edgefleet_core.errors import SigningError
@@ -39,30 +42,37 @@ class KeySet:
 
     def __init__(
         self,
-        root: tuple[CryptoSigner, ...],
+        root: tuple[CryptoSigner, ...] | tuple[SSlibKey, ...],
         root_threshold: int,
         targets: CryptoSigner,
         snapshot: CryptoSigner,
         timestamp: CryptoSigner,
     ) -> None:
-        root_ids = {signer.public_key.keyid for signer in root}
-        if len(root_ids) != len(root):
+        root_public = tuple(k if isinstance(k, SSlibKey) else k.public_key for k in root)
+        if len({key.keyid for key in root_public}) != len(root):
             raise SigningError("the root keys must be distinct")
         if not 1 <= root_threshold <= len(root):
             raise SigningError(f"root threshold {root_threshold} must be between 1 and {len(root)} (the root keys)")
-        for signer in (*root, targets, snapshot, timestamp):
-            if not isinstance(signer.public_key, SSlibKey) or signer.public_key.keytype != "ed25519":
-                raise SigningError(f"key {signer.public_key.keyid} is not an Ed25519 key")
+        for public in (*root_public, targets.public_key, snapshot.public_key, timestamp.public_key):
+            if not isinstance(public, SSlibKey) or public.keytype != "ed25519":
+                raise SigningError(f"key {public.keyid} is not an Ed25519 key")
         self.root = root
-        """Root keys; any ``root_threshold`` of them sign a root."""
+        """Root keys; any ``root_threshold`` of them sign a root. Public keys only in an online key set:
+        publishing needs the root's public keys, only creating and rotating a root needs its private ones."""
+        self._root_public: tuple[SSlibKey, ...] = root_public
         self.root_threshold = root_threshold
         """How many root keys must sign a root."""
         self.targets = targets
         self.snapshot = snapshot
         self.timestamp = timestamp
 
+    @property
+    def online_only(self) -> bool:
+        """Whether the root private keys are absent (an operator's key set)."""
+        return any(isinstance(k, SSlibKey) for k in self.root)
+
     def __repr__(self) -> str:
-        ids = {role: [s.public_key.keyid for s in self.signers(role)] for role in ROLES}
+        ids = {role: [k.keyid for k in self.public_keys(role)] for role in ROLES}
         return f"KeySet(root_threshold={self.root_threshold}, keyids={ids})"
 
     @classmethod
@@ -81,32 +91,48 @@ class KeySet:
     def signers(self, role: str) -> tuple[CryptoSigner, ...]:
         """The keys that sign ``role`` (one of :data:`ROLES`)."""
         if role == "root":
-            return self.root
+            if self.online_only:
+                raise SigningError(
+                    "the root private keys are not in this key set; creating or rotating a root needs them"
+                )
+            return cast("tuple[CryptoSigner, ...]", self.root)
         if role in ONLINE_ROLES:
             signer: CryptoSigner = getattr(self, role)
             return (signer,)
         raise SigningError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
 
     def public_keys(self, role: str) -> tuple[SSlibKey, ...]:
-        """The public halves of :meth:`signers`."""
+        """The public halves of :meth:`signers` (for root also in an online-only key set)."""
+        if role == "root":
+            return self._root_public
         return tuple(s.public_key for s in self.signers(role))
 
     # ------------------------------------------------------------------ files and Secret data
 
-    def to_files(self) -> dict[str, bytes]:
-        """File name → content: the index plus one PEM private key per distinct key."""
+    def to_files(self, *, online_only: bool = False) -> dict[str, bytes]:
+        """File name → content: the index plus one PEM private key per distinct key.
+
+        ``online_only`` (or an online-only key set) writes the root keys as public keys
+        (``<keyid>.pub.json``), so the files can live on a server without the offline root keys.
+        """
         index = {
             "format": INDEX_FORMAT,
             "roles": {
                 role: {
-                    "keyids": [s.public_key.keyid for s in self.signers(role)],
+                    "keyids": [k.keyid for k in self.public_keys(role)],
                     "threshold": self.root_threshold if role == "root" else 1,
                 }
                 for role in ROLES
             },
         }
         files = {INDEX_FILE: json.dumps(index, indent=2, sort_keys=True).encode() + b"\n"}
-        for role in ROLES:
+        for key in self.root:
+            if online_only or isinstance(key, SSlibKey):
+                public = key if isinstance(key, SSlibKey) else key.public_key
+                files[f"{public.keyid}.pub.json"] = json.dumps(public.to_dict(), sort_keys=True).encode()
+            else:
+                files[f"{key.public_key.keyid}.pem"] = key.private_bytes
+        for role in ONLINE_ROLES:
             for signer in self.signers(role):
                 files[f"{signer.public_key.keyid}.pem"] = signer.private_bytes
         return files
@@ -135,9 +161,23 @@ class KeySet:
             if len(keyids) != 1 or threshold != 1:
                 raise SigningError(f"{source}: role {role} must have exactly one key and threshold 1")
             online[role] = signer(keyids[0])
+
+        def root_key(keyid: str) -> CryptoSigner | SSlibKey:
+            public = files.get(f"{keyid}.pub.json")
+            if f"{keyid}.pem" in files or public is None:
+                return signer(keyid)
+            return _load_public_key(public, keyid, source)
+
+        root_keys = [root_key(k) for k in root_ids]
+        if all(isinstance(k, CryptoSigner) for k in root_keys):
+            root: tuple[CryptoSigner, ...] | tuple[SSlibKey, ...] = tuple(cast("list[CryptoSigner]", root_keys))
+        elif all(isinstance(k, SSlibKey) for k in root_keys):
+            root = tuple(cast("list[SSlibKey]", root_keys))
+        else:
+            raise SigningError(f"{source}: some root keys are private and some public only")
         try:
             return cls(
-                root=tuple(signer(k) for k in root_ids),
+                root=root,
                 root_threshold=root_threshold,
                 targets=online["targets"],
                 snapshot=online["snapshot"],
@@ -179,9 +219,13 @@ class KeySet:
             raise SigningError(f"cannot read keys from {directory}: {e}") from e
         return cls.from_files(files, str(directory))
 
-    def to_secret_data(self) -> dict[str, str]:
-        """The key files as a Kubernetes Secret's ``data``: file name → base64 of its content."""
-        return {name: base64.b64encode(content).decode("ascii") for name, content in self.to_files().items()}
+    def to_secret_data(self, *, online_only: bool = True) -> dict[str, str]:
+        """The key files as a Kubernetes Secret's ``data``: file name → base64 of its content.
+
+        Online-only by default: the operator publishes and refreshes, which needs no root private key.
+        """
+        files = self.to_files(online_only=online_only)
+        return {name: base64.b64encode(content).decode("ascii") for name, content in files.items()}
 
     @classmethod
     def from_secret_data(cls, data: Mapping[str, str]) -> KeySet:
@@ -193,6 +237,22 @@ class KeySet:
             except (binascii.Error, ValueError) as e:
                 raise SigningError(f"secret data {name!r} is not valid base64: {e}") from e
         return cls.from_files(files, "secret data")
+
+
+def _load_public_key(data: bytes, keyid: str, source: str) -> SSlibKey:
+    """A root public key written by :meth:`KeySet.to_files`, checked against the key id it is filed under."""
+    try:
+        body = json.loads(data)
+        key = SSlibKey.from_dict(keyid, dict(body))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SigningError(f"{source}: public key {keyid}.pub.json is not a key: {exc}") from None
+    canonical = encode_canonical(key.to_dict())
+    if canonical is None:
+        raise SigningError(f"{source}: public key {keyid}.pub.json cannot be canonicalised")
+    computed = hashlib.sha256(canonical.encode()).hexdigest()
+    if computed != keyid or key.keytype != "ed25519":
+        raise SigningError(f"{source}: public key {keyid}.pub.json is another key (or not Ed25519)")
+    return key
 
 
 def _parse_index(raw: bytes, source: str) -> dict[str, tuple[list[str], int]]:

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from securesystemslib.exceptions import UnverifiedSignatureError
+
 # python-tuf and securesystemslib re-export these names without ``__all__``/``as`` aliases, which
 # mypy's strict no-implicit-reexport rejects; the modules named here are their documented homes.
 from securesystemslib.signer import Signer  # type: ignore[attr-defined]
-from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
 from tuf.api.metadata import (  # type: ignore[attr-defined]
     Metadata,
     MetaFile,
@@ -35,10 +37,11 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
     Timestamp,
 )
 from tuf.api.serialization import DeserializationError
+from tuf.api.serialization.json import CanonicalJSONSerializer
 from tuf.ngclient.config import UpdaterConfig
 
-from edgefleet_core.errors import SigningError
-from edgefleet_core.signing.keys import ROLES, KeySet
+from edgefleet_core.errors import SigningError, VerificationError
+from edgefleet_core.signing.keys import ONLINE_ROLES, ROLES, KeySet
 from edgefleet_core.signing.layout import METADATA_DIR, is_safe_path, metadata_path, target_path
 from edgefleet_core.store.base import ArtifactStore, validate_key
 
@@ -277,19 +280,54 @@ class TufRepository:
         return self._store.get(self._key(metadata_path(filename)), max_bytes=max_bytes)
 
     def _load(self) -> _State:
+        """The current metadata, trusted only as far as our own keys signed it.
+
+        The store (or whoever sits between us and it) is not trusted: every role must carry valid
+        signatures of this repository's own keys, and timestamp -> snapshot -> targets must match by
+        version, length and hash. Otherwise the next publish would sign an attacker's targets.
+        """
         versions = self._root_versions()
         if not versions:
             raise SigningError(f"no TUF repository under {self._prefix!r}; initialize it first")
         root = _parse(self._read(f"{versions[-1]}.root.json", _LIMITS.root_max_length), Root)
         timestamp = _parse(self._read("timestamp.json", _LIMITS.timestamp_max_length), Timestamp)
         snapshot_version = timestamp.signed.snapshot_meta.version
-        snapshot = _parse(self._read(f"{snapshot_version}.snapshot.json", _LIMITS.snapshot_max_length), Snapshot)
+        snapshot_bytes = self._read(f"{snapshot_version}.snapshot.json", _LIMITS.snapshot_max_length)
+        snapshot = _parse(snapshot_bytes, Snapshot)
         targets_meta = snapshot.signed.meta.get("targets.json")
         if targets_meta is None:
             raise SigningError(f"snapshot version {snapshot_version} lists no targets.json")
-        targets = _parse(self._read(f"{targets_meta.version}.targets.json", _LIMITS.targets_max_length), Targets)
+        targets_bytes = self._read(f"{targets_meta.version}.targets.json", _LIMITS.targets_max_length)
+        targets = _parse(targets_bytes, Targets)
         self._check_keys_match(root.signed)
+        for role, metadata in (("root", root), ("timestamp", timestamp), ("snapshot", snapshot), ("targets", targets)):
+            self._check_signed_by_us(role, metadata)
+        try:
+            timestamp.signed.snapshot_meta.verify_length_and_hashes(snapshot_bytes)
+            targets_meta.verify_length_and_hashes(targets_bytes)
+        except LengthOrHashMismatchError as exc:
+            raise VerificationError("stored metadata", f"LengthOrHashMismatchError: {exc}") from None
+        if snapshot.signed.version != snapshot_version or targets.signed.version != targets_meta.version:
+            raise VerificationError("stored metadata", "versions do not match what timestamp and snapshot name")
         return _State(root=root, targets=targets, snapshot=snapshot, timestamp=timestamp)
+
+    def _check_signed_by_us(self, role: str, metadata: Metadata[Any]) -> None:
+        payload = CanonicalJSONSerializer().serialize(metadata.signed)
+        valid = 0
+        for key in self._keys.public_keys(role):
+            signature = metadata.signatures.get(key.keyid)
+            if signature is None:
+                continue
+            try:
+                key.verify_signature(signature, payload)
+            except UnverifiedSignatureError:
+                continue
+            valid += 1
+        needed = self._keys.root_threshold if role == "root" else 1
+        if valid < needed:
+            raise VerificationError(
+                f"stored {role} metadata", f"signed by {valid} of this repository's keys, {needed} needed"
+            )
 
     def _check_keys_match(self, root: Root) -> None:
         """Signing with keys the root does not name would publish metadata no client accepts."""
@@ -319,7 +357,7 @@ class TufRepository:
         keys: Mapping[str, tuple[Signer, ...]] | None = None,
     ) -> _State:
         """Sign ``targets``, then a snapshot pinning it, then a timestamp pinning that snapshot."""
-        signers = keys or {role: self._keys.signers(role) for role in ROLES}
+        signers = keys or {role: self._keys.signers(role) for role in ONLINE_ROLES}
         now = self._now()
         _sign(targets, signers["targets"])
         snapshot = Metadata(

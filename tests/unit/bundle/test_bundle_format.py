@@ -218,7 +218,7 @@ def test_random_float_weights_are_not_forced_into_a_codebook() -> None:
     encoded = encode_model(_random_mlp())
     w1 = next(t for t in encoded.tensors if t.name == "w1")
     assert w1.distinct_values is None
-    assert w1.codec in {"raw", "zstd"}
+    assert w1.codec in {"raw", "zstd", "zstd-shuffle"}  # general-purpose codecs, never a codebook
     assert w1.encoded_bytes == min(w1.candidates.values())
 
 
@@ -242,7 +242,7 @@ def test_lying_hints_are_recounted() -> None:
     hints = {"edgefleet.clustering": json.dumps({"w0": 2}), "edgefleet.clustering.per_channel": "[junk"}
     data = _mlp([weight], metadata=hints)
     encoded = encode_model(data)
-    assert _stats(encoded, "w0") in {"raw", "zstd"}
+    assert _stats(encoded, "w0") in {"raw", "zstd", "zstd-shuffle"}  # general-purpose codecs, never a codebook
     assert _decode(encoded) == data
 
 

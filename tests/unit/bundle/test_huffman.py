@@ -220,11 +220,20 @@ def test_decode_refuses_more_than_the_callers_bound() -> None:
 def test_decode_checks_counts_before_allocating() -> None:
     # A 4-billion-symbol claim in a few bytes is refused by arithmetic, not by running out of memory.
     single = huffman.encode(np.zeros(3, dtype=np.uint8), 1)
-    huge = struct.pack("<BBBIQ", 1, 2, 10, 4, 2**32) + bytes([2, 2, 2, 2]) + b"\x00" * 8
+    block_log2 = huffman._block_log2(2**32)  # the block size an encoder would use: the index check runs
+    huge = struct.pack("<BBBIQ", 1, 2, block_log2, 4, 2**32) + bytes([2, 2, 2, 2]) + b"\x00" * 8
     with pytest.raises(BundleError, match="sync index truncated"):
         huffman.decode(huge, max_symbols=2**40)
     with pytest.raises(BundleError, match="more than the allowed"):
         huffman.decode(single[:7] + struct.pack("<Q", 2**40) + single[15:], max_symbols=2**20)
+
+
+def test_a_block_size_other_than_the_encoders_is_refused() -> None:
+    # Few huge blocks would make the lane decoder crawl; the block size follows from the count.
+    data = bytearray(huffman.encode(np.arange(70000) % 2, 2))
+    data[2] = 16 if data[2] != 16 else 8
+    with pytest.raises(BundleError, match="sync block size"):
+        huffman.decode(bytes(data), max_symbols=70000)
 
 
 def _declared_count(data: bytes) -> int:

@@ -92,7 +92,7 @@ def test_new_root_signed_below_the_threshold_is_refused(make_world: Callable[...
         for key in attacker.public_keys(role):
             root.signed.add_key(key, role)
     # One stolen root key of three (threshold 2), plus the attacker's own new root key.
-    tamper.write(made.store, "2.root.json", root, (made.keys.root[0], attacker.root[0]))
+    tamper.write(made.store, "2.root.json", root, (made.keys.signers("root")[0], attacker.signers("root")[0]))
     error = _refused(made.client().refresh, "UnsignedMetadataError")
     assert "1/2" in error.reason
 

@@ -74,8 +74,35 @@ def test_secret_data_round_trip(keys: KeySet) -> None:
 
 def test_secret_data_and_files_hold_the_same_bytes(keys: KeySet, tmp_path: Path) -> None:
     keys.save(tmp_path)
-    for name, encoded in keys.to_secret_data().items():
+    for name, encoded in keys.to_secret_data(online_only=False).items():
         assert (tmp_path / name).read_bytes() == base64.b64decode(encoded)
+
+
+def test_the_operator_secret_holds_no_root_private_key(keys: KeySet) -> None:
+    from edgefleet_core.signing.repository import TufRepository
+    from tests.unit.signing.memory_store import MemoryStore
+
+    data = keys.to_secret_data()
+    root_ids = {k.keyid for k in keys.public_keys("root")}
+    assert not any(name == f"{keyid}.pem" for name in data for keyid in root_ids)
+    online = KeySet.from_secret_data(data)
+    assert online.online_only
+    assert online.public_keys("root") == keys.public_keys("root")
+    store = MemoryStore()
+    TufRepository(store, keys).initialize()
+    TufRepository(store, online).publish({"c/ns/m/1/model.onnx": b"model"})  # publishing needs no root key
+    with pytest.raises(SigningError, match="root private keys are not in this key set"):
+        TufRepository(store, online).rotate_root(KeySet.generate())
+
+
+def test_a_public_root_key_filed_under_another_id_is_refused(keys: KeySet) -> None:
+    data = keys.to_secret_data()
+    other = KeySet.generate().to_secret_data()
+    ours = next(name for name in data if name.endswith(".pub.json"))
+    theirs = next(name for name in other if name.endswith(".pub.json"))
+    data[ours] = other[theirs]
+    with pytest.raises(SigningError, match="is another key"):
+        KeySet.from_secret_data(data)
 
 
 def test_secret_data_with_bad_base64_is_refused(keys: KeySet) -> None:
@@ -100,7 +127,8 @@ def test_corrupt_key_file_is_refused(keys: KeySet, tmp_path: Path) -> None:
 
 def test_missing_key_file_is_refused(keys: KeySet, tmp_path: Path) -> None:
     keys.save(tmp_path)
-    (tmp_path / f"{keys.root[1].public_key.keyid}.pem").unlink()
+    second_root = keys.public_keys("root")[1].keyid
+    (tmp_path / f"{second_root}.pem").unlink()
     with pytest.raises(SigningError, match="is missing"):
         KeySet.load(tmp_path)
 
