@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +16,12 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, version_converter
 
+from edgefleet_core.atomic import write_dir_atomic, write_file_atomic
 from edgefleet_core.errors import ModelError
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["LoadedModel", "load_model", "parse_model", "serialize", "write_dir_atomic", "write_file_atomic"]
 
 MAX_MODEL_BYTES = 2 * 1024**3 - 1
 """Protobuf cannot hold more in one message; larger models must use external data."""
@@ -190,63 +189,3 @@ def load_model(path: Path) -> LoadedModel:
 def serialize(model: onnx.ModelProto) -> bytes:
     """Deterministic bytes of a model, for files and digests alike."""
     return model.SerializeToString(deterministic=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_dir_atomic(out_dir: Path, files: Mapping[str, bytes]) -> None:
-    """Publish a folder of files all at once: a reader sees the old folder or the complete new one.
-
-    The files are written and synced in a sibling temporary folder which then takes the place of
-    ``out_dir`` by rename; an existing ``out_dir`` is moved aside first and removed after.
-    """
-    out_dir = out_dir.absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        for name, data in files.items():
-            if Path(name).name != name:
-                raise ValueError(f"output file name must not contain a folder: {name!r}")
-            with open(staging / name, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        _fsync_dir(staging)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        try:
-            os.replace(staging, out_dir)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out_dir)  # put the previous folder back where it was
-            raise
-        _fsync_dir(out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

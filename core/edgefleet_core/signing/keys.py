@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import cast
@@ -27,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import CryptoSigner, SSlibKey  # type: ignore[attr-defined]
 
+from edgefleet_core.atomic import PRIVATE, fsync_dir, write_file_atomic
 from edgefleet_core.errors import SigningError
 
 INDEX_FILE = "keys.json"
@@ -199,9 +197,9 @@ class KeySet:
             files = self.to_files()
             index = files.pop(INDEX_FILE)
             for name, content in files.items():
-                _write_private(directory / name, content)
-            _write_private(directory / INDEX_FILE, index)
-            _fsync_directory(directory)
+                write_file_atomic(directory / name, content, mode=PRIVATE)
+            write_file_atomic(directory / INDEX_FILE, index, mode=PRIVATE)
+            fsync_dir(directory)
         except OSError as e:
             raise SigningError(f"cannot write keys to {directory}: {e}") from e
 
@@ -298,26 +296,3 @@ def _read_bounded(path: Path) -> bytes:
     if len(data) > _MAX_FILE_BYTES:
         raise SigningError(f"{path} is over {_MAX_FILE_BYTES} bytes; not a key file")
     return data
-
-
-def _write_private(path: Path, content: bytes) -> None:
-    """Temp file (0600 from mkstemp) in the same directory, fsync, ``os.replace``."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -173,3 +173,16 @@ def test_an_ir_version_newer_than_onnx_runtime_reads_is_lowered_when_safe(tmp_pa
     import onnxruntime as ort
 
     ort.InferenceSession(serialize(loaded.model), providers=["CPUExecutionProvider"])
+
+
+def test_outputs_are_readable_by_others_and_secrets_are_not(tmp_path: Path) -> None:
+    import stat
+
+    from edgefleet_core.atomic import PRIVATE
+
+    write_file_atomic(tmp_path / "model.onnx", b"model")
+    write_file_atomic(tmp_path / "key.pem", b"secret", mode=PRIVATE)
+    write_dir_atomic(tmp_path / "out", {"report.json": b"{}"})
+    assert stat.S_IMODE((tmp_path / "model.onnx").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "out" / "report.json").stat().st_mode) == 0o644
