@@ -444,3 +444,28 @@ def test_s3_server_gone_is_unavailable(doomed_server: S3Server) -> None:
     with pytest.raises(StoreUnavailable, match="failed 3 times"):
         store.get("k", max_bytes=10)
     assert len(sleeps.waits) == 2
+
+
+def test_local_store_reports_unreadable_objects_as_store_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgefleet_core.errors import StoreError, StoreNotFound
+    from edgefleet_core.store import local
+    from edgefleet_core.store.local import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    store.put("a/b", b"data")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    # CI runs as root, which reads anything: the refusal is injected at the module's `open`.
+    monkeypatch.setattr(local, "open", refuse, raising=False)
+    readers: list[Callable[[], bytes]] = [
+        lambda: store.get("a/b", max_bytes=100),
+        lambda: store.get_range("a/b", 0, 1),
+    ]
+    for read in readers:
+        with pytest.raises(StoreError, match="cannot read object 'a/b'") as caught:
+            read()
+        assert not isinstance(caught.value, StoreNotFound)

@@ -113,6 +113,8 @@ class LocalStore:
             raise StoreNotFound(f"no object {key!r} in {self.root}") from exc
         except IsADirectoryError as exc:
             raise StoreNotFound(f"no object {key!r} in {self.root} (it is a folder of other keys)") from exc
+        except OSError as exc:  # permissions, I/O errors: the store failed, say so in its terms
+            raise StoreError(f"cannot read object {key!r} in {self.root}: {exc.strerror or exc}") from exc
         if len(data) > max_bytes:
             raise StoreLimitExceeded(f"object {key!r} grew past the cap of {max_bytes} bytes while read")
         return data
@@ -126,6 +128,8 @@ class LocalStore:
                 return handle.read(length)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise StoreNotFound(f"no object {key!r} in {self.root}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot read object {key!r} in {self.root}: {exc.strerror or exc}") from exc
 
     def stat(self, key: str) -> ObjectStat | None:
         path = self._path(key)
