@@ -20,6 +20,7 @@ from edgefleet_core.optimize.passes.base import (
     TrainingRequest,
 )
 from edgefleet_core.optimize.passes.distillation import distil, training_setup
+from edgefleet_core.optimize.passes.quantize import is_quantized
 from edgefleet_core.resources.recipe import PassOptions, QuantizationAwareTrainingOptions
 
 TEMPERATURE = 2.0
@@ -27,17 +28,6 @@ TEMPERATURE = 2.0
 and QAT must keep its confident decisions rather than learn the teacher's dark knowledge anew."""
 ALPHA_WITH_LABELS = 0.5
 """Weight of the teacher's soft targets when the data also has labels (the rest goes to the labels)."""
-
-INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm", "QAttention"})
-"""Ops that only quantized models hold (with the QLinear* and *Integer kernels)."""
-
-
-def is_quantized(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` already holds quantized ops (QDQ pairs or QOperator kernels)."""
-    return any(
-        node.op_type in INT8_OPS or node.op_type.startswith("QLinear") or node.op_type.endswith("Integer")
-        for node in model.graph.node
-    )
 
 
 class QuantizationAwareTrainingPass(OptimizationPass[QuantizationAwareTrainingOptions]):
