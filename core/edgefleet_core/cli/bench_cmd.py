@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Benchmarks: same-run ratios against a baseline, written to bench/results/.")
+HELP = "Benchmarks: same-run ratios against a baseline, written to bench/results/."
 
 
-@app.command()
+def build_app(extra: Iterable[tuple[str, Callable[..., None]]] = ()) -> typer.Typer:
+    """The ``bench`` group: core's benchmarks plus ``extra`` (name, command) from other packages."""
+    app = typer.Typer(help=HELP)
+    app.command()(pipeline)
+    app.command()(bundles)
+    for name, command in extra:
+        app.command(name=name)(command)
+    return app
+
+
 def pipeline(
     out: Annotated[Path, typer.Option(help="Results JSON.")] = Path("bench/results/pipeline.json"),
     markdown: Annotated[
@@ -35,7 +45,6 @@ def pipeline(
         raise typer.Exit(code=1)
 
 
-@app.command()
 def bundles(
     out: Annotated[Path, typer.Option(help="Results JSON.")] = Path("bench/results/bundles.json"),
     markdown: Annotated[
