@@ -44,3 +44,35 @@ def tiny_cnn(seed: int = 0, opset: int = 17, channels: int = 8) -> onnx.ModelPro
 def tiny_inputs(count: int = 48, seed: int = 1) -> np.ndarray:
     """Inputs for :func:`tiny_cnn`."""
     return np.random.default_rng(seed).uniform(0, 1, (count, 1, 8, 8)).astype(np.float32)
+
+
+def wide_mlp(seed: int = 0, width: int = 1024, inputs: int = 64) -> onnx.ModelProto:
+    """MatMul → Relu → MatMul with a ``width``×``width`` hidden layer: megabytes of weights, still fast.
+
+    For tests where a transfer or an install must take measurable time (kills mid-download).
+    Input ``x`` [N, inputs], output ``y`` [N, 10].
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.1, (inputs, width)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.normal(0, 0.05, (width, width)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.05, (width, 10)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h0"]),
+        helper.make_node("Relu", ["h0"], ["a0"]),
+        helper.make_node("MatMul", ["a0", "w1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("MatMul", ["a1", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "wide_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

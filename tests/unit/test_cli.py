@@ -168,3 +168,44 @@ def test_plugin_groups_are_discovered_and_broken_ones_explained(monkeypatch: pyt
     code, _, err = invoke("missing")
     assert code == 3
     assert "edgefleet missing is unavailable" in err
+
+
+def _command_paths() -> list[tuple[str, ...]]:
+    root = typer.main.get_command(build_app())
+    paths: list[tuple[str, ...]] = []
+
+    def walk(command: object, path: tuple[str, ...]) -> None:
+        paths.append(path)
+        # typer vendors its own click: a group is whatever has sub-commands.
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, (*path, name))
+
+    walk(root, ())
+    return paths
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=lambda p: " ".join(p) or "edgefleet")
+def test_every_command_prints_its_help(path: tuple[str, ...]) -> None:
+    # Help text is rendered as rich markup: a stray "[...]" in an option's help crashes --help.
+    code, out, err = invoke(*path, "--help")
+    assert code == 0, err
+    assert "Usage" in out
+
+
+def test_bench_commands_from_entry_points_join_the_bench_group() -> None:
+    def fake() -> None:
+        """A benchmark from another package."""
+        typer.echo("fake bench ran")
+
+    found = plugins.discover_bench([])
+    assert found == []
+    missing = plugins.BenchCommand("ghost", None, "cannot import ghost")
+    stand_in = plugins.unavailable_bench(missing)
+    from edgefleet_core.cli import bench_cmd
+
+    app = typer.Typer()
+    app.add_typer(bench_cmd.build_app([("fake", fake), ("ghost", stand_in)]), name="bench")
+    result = runner.invoke(app, ["bench", "fake"])
+    assert result.exit_code == 0 and "fake bench ran" in result.stdout
+    result = runner.invoke(app, ["bench", "ghost"])
+    assert result.exit_code == 3 and "cannot import ghost" in result.stderr

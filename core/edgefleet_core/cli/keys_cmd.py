@@ -74,7 +74,7 @@ def secret(
 
 @app.command()
 def rotate(
-    store: Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket[/prefix].")],
+    store: Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket or s3://bucket/prefix.")],
     keys: Annotated[Path, typer.Option("--keys", help="The key folder the repository is signed with now.")],
     new_keys: Annotated[Path, typer.Option("--new-keys", help="A key folder from `keys init` to rotate to.")],
 ) -> None:
@@ -94,7 +94,7 @@ def rotate(
 
 @app.command()
 def refresh(
-    store: Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket[/prefix].")],
+    store: Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket or s3://bucket/prefix.")],
     keys: Annotated[Path, typer.Option("--keys", help="Key folder (the online keys are enough).")],
 ) -> None:
     """Re-sign the timestamp (and the snapshot when due): run at least daily, the timestamp expires after a day."""
