@@ -1,0 +1,193 @@
+"""Pushes assignment changes to the devices watching them, learned from one cheap poll of the store.
+
+The store has no watch, so one task per gateway polls ``HEAD.json`` (a few bytes) every
+``poll_interval``; when the revision moves it re-reads the assignments of the devices connected here
+and hands each watcher the device's latest snapshot. Devices never poll: their stream is a push.
+
+A watcher keeps only the newest snapshot (a slot, not a queue): a slow client can never hold up the
+poller or other clients, and it loses nothing, because each snapshot is the device's whole current
+state and the watcher sends only what is newer than what it already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass, field
+
+from edgefleet_core.errors import StoreError
+from edgefleet_operator.fleet.errors import FleetError
+from edgefleet_operator.fleet.records import AssignmentRecord, DeviceAssignments, model_key
+from edgefleet_operator.fleet.state import FleetState
+from edgefleet_operator.gateway.errors import Unavailable
+from edgefleet_operator.gateway.pki import DeviceIdentity
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Removal:
+    """Stop serving a model the device holds that has no assignment any more (``ACTION_REMOVE``)."""
+
+    revision: int
+    model_namespace: str
+    model_name: str
+
+
+Instruction = AssignmentRecord | Removal
+"""What a watch stream yields."""
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A model the device reports holding when it starts watching."""
+
+    model_namespace: str
+    model_name: str
+    version: str
+
+
+@dataclass(eq=False)
+class _Watcher:
+    """One open watch stream: the newest snapshot not yet looked at, and a bell."""
+
+    identity: DeviceIdentity
+    latest: tuple[DeviceAssignments, int] | None = None
+    bell: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+
+    def offer(self, snapshot: DeviceAssignments, head: int) -> None:
+        self.latest = (snapshot, head)
+        self.bell.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.bell.set()
+
+
+@dataclass
+class _Progress:
+    """What one stream has sent: per model the revision, and the models the device may still hold."""
+
+    sent: dict[str, int]
+    floor: int
+    held: set[str]
+
+    def instructions(self, snapshot: DeviceAssignments, head: int) -> list[Instruction]:
+        out: list[Instruction] = []
+        for key, record in sorted(snapshot.assignments.items(), key=lambda item: item[1].revision):
+            if record.revision > self.sent.get(key, self.floor):
+                out.append(record)
+                self.sent[key] = record.revision
+                if record.action == "remove":
+                    self.held.discard(key)
+                else:
+                    self.held.add(key)
+        for key in sorted(self.held - snapshot.assignments.keys()):
+            namespace, _, name = key.partition("/")
+            out.append(Removal(revision=head, model_namespace=namespace, model_name=name))
+            self.held.discard(key)
+        return out
+
+
+class AssignmentHub:
+    """The poller and the watchers of one gateway process."""
+
+    def __init__(self, fleet: FleetState, *, poll_interval: float = 0.2) -> None:
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be positive, not {poll_interval}")
+        self._fleet = fleet
+        self._poll_interval = poll_interval
+        self._watchers: dict[str, set[_Watcher]] = {}
+        self._head: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def connected_devices(self) -> int:
+        """Devices with at least one watch stream open here."""
+        return len(self._watchers)
+
+    async def start(self) -> None:
+        """Start polling (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._poll_forever(), name="assignment-hub")
+
+    async def stop(self) -> None:
+        """Stop polling and end every watch stream (the agents reconnect elsewhere)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for watchers in self._watchers.values():
+            for watcher in watchers:
+                watcher.close()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except (FleetError, StoreError) as e:
+                logger.warning("cannot poll the assignment head: %s", e)
+            await asyncio.sleep(self._poll_interval)
+
+    async def poll_once(self) -> None:
+        """One look at HEAD; on a change, push fresh snapshots to every connected device."""
+        head = await asyncio.to_thread(self._fleet.head_revision)
+        if head == self._head:
+            return
+        # Who to read is decided here, on the loop: the worker thread never touches the watcher sets.
+        devices = [(device, next(iter(watchers)).identity) for device, watchers in self._watchers.items() if watchers]
+        snapshots = await asyncio.to_thread(self._read, devices)
+        self._head = head  # only after the reads succeeded: a failed round is retried next poll
+        for device, snapshot in snapshots.items():
+            for watcher in self._watchers.get(device, ()):
+                watcher.offer(snapshot, head)
+
+    def _read(self, devices: Iterable[tuple[str, DeviceIdentity]]) -> dict[str, DeviceAssignments]:
+        return {device: self._fleet.assignments_for(identity.namespace, identity.name) for device, identity in devices}
+
+    async def watch(
+        self, identity: DeviceIdentity, last_revision: int, installed: Iterable[InstalledModel] = ()
+    ) -> AsyncGenerator[Instruction, None]:
+        """The device's assignments newer than ``last_revision`` in revision order, then each change.
+
+        Models in ``installed`` that have no assignment any more get a :class:`Removal`, as does a
+        model whose assignment disappears while the stream is open. Ends when the hub stops.
+        """
+        watcher = _Watcher(identity)
+        # Registered before the first read: a change that lands in between is pushed, not missed.
+        self._watchers.setdefault(identity.device_id, set()).add(watcher)
+        try:
+            try:
+                snapshot, head = await asyncio.to_thread(self._snapshot, identity)
+            except (FleetError, StoreError) as e:
+                raise Unavailable(f"cannot read the assignments of {identity.device_id}: {e}") from e
+            progress = _Progress(sent={}, floor=last_revision, held=set())
+            for model in installed:
+                key = model_key(model.model_namespace, model.model_name)
+                progress.held.add(key)
+                current = snapshot.assignments.get(key)
+                if current is not None and current.action == "remove" and current.revision <= last_revision:
+                    progress.sent[key] = current.revision - 1  # the device still holds it: say it again
+            for instruction in progress.instructions(snapshot, head):
+                yield instruction
+            while not watcher.closed:
+                await watcher.bell.wait()
+                watcher.bell.clear()
+                if watcher.latest is None:
+                    continue
+                latest, watcher.latest = watcher.latest, None
+                for instruction in progress.instructions(*latest):
+                    yield instruction
+        finally:
+            watchers = self._watchers.get(identity.device_id)
+            if watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
+                    del self._watchers[identity.device_id]
+
+    def _snapshot(self, identity: DeviceIdentity) -> tuple[DeviceAssignments, int]:
+        head = self._fleet.head_revision()
+        return self._fleet.assignments_for(identity.namespace, identity.name), head

@@ -1,0 +1,845 @@
+"""The gateway's device-facing operations, free of any transport: enrollment, identity, artifacts, health.
+
+The gRPC servicer translates messages into the inputs below and calls these methods; everything
+refused here is a :class:`~edgefleet_operator.gateway.errors.GatewayError` the interceptor maps to a
+status code. The gateway keeps no state another replica needs: enrollments, installs and (at a
+bounded rate) health go to :class:`~edgefleet_operator.fleet.FleetState` in the artifact store.
+
+Two hot paths stay free of store writes and JSON parsing per call, because a gateway takes
+thousands of them a second: authentication (device records cached per certificate serial for
+:attr:`ServicePolicy.identity_cache_ttl`, so a revocation bites within that time) and health intake
+(kept in memory, written per device at most every ``status_interval`` by :meth:`GatewayService.flush_health`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from pydantic import JsonValue, ValidationError
+
+from edgefleet_core.bundle.manifest import VERSION_PATTERN
+from edgefleet_core.errors import StoreError, StoreLimitExceeded, StoreNotFound
+from edgefleet_core.resources.base import DNS_SUBDOMAIN_PATTERN
+from edgefleet_core.signing.layout import METADATA_DIR, TARGETS_DIR, is_safe_path
+from edgefleet_core.store.base import MAX_KEY_LENGTH, ArtifactStore
+from edgefleet_operator.fleet.errors import FleetError, TokenRefused
+from edgefleet_operator.fleet.records import (
+    DNS_LABEL_PATTERN,
+    DeviceHealthRecord,
+    DeviceRecord,
+    HealthWindow,
+    InstallRecord,
+    ModelTotals,
+    ModelWindow,
+    Outcome,
+    Phase,
+    Slot,
+    device_id,
+    totals_key,
+)
+from edgefleet_operator.fleet.state import FleetState
+from edgefleet_operator.gateway.errors import (
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from edgefleet_operator.gateway.hub import InstalledModel
+from edgefleet_operator.gateway.pki import CsrRefused, DeviceIdentity, FleetCA
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES: Final = 1024 * 1024
+"""Largest ``Chunk.data`` (fleet.proto): far below gRPC's default 4 MiB message cap."""
+MAX_CSR_BYTES: Final = 8 * 1024
+MAX_TOKEN_CHARS: Final = 256
+MAX_ROLE_CHARS: Final = 255
+MAX_TARGET_PATH_CHARS: Final = 1024
+MAX_LABELS: Final = 64
+MAX_LIST_ITEMS: Final = 64
+MAX_MODELS_PER_REPORT: Final = 64
+MAX_WINDOW: Final = timedelta(days=1)
+SIGNED_LIMIT: Final = 1 << 63
+"""uint64 values at or above this are negative numbers sent through a signed type: refused as such."""
+MAX_AUTH_CACHE: Final = 200_000
+ACCELERATOR_TYPES: Final = frozenset({"gpu", "npu", "vpu", "dsp", "tpu"})
+
+_DNS_LABEL = re.compile(DNS_LABEL_PATTERN)
+_DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
+_VERSION = re.compile(VERSION_PATTERN)
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_ROLE = re.compile(r"^[A-Za-z0-9._-]+$")
+_FACT = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+_CPU_FEATURE = re.compile(r"^[a-z0-9_.-]{1,64}$")
+_AGENT_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]{0,63}$")
+_REASON = re.compile(r"^[A-Z][A-Za-z0-9]{0,63}$")
+
+
+def utc_now() -> datetime:
+    """The default clock."""
+    return datetime.now(UTC)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One accelerator a device found (fleet.proto ``Accelerator``)."""
+
+    type: str
+    model: str
+    memory_bytes: int
+    execution_providers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HardwareFacts:
+    """What a device measured about itself at start-up (fleet.proto ``HardwareFacts``)."""
+
+    cpu_arch: str
+    cpu_cores: int
+    cpu_features: tuple[str, ...]
+    memory_bytes: int
+    accelerators: tuple[Accelerator, ...]
+    execution_providers: tuple[str, ...]
+    storage_free_bytes: int
+
+
+@dataclass(frozen=True)
+class EnrollApplication:
+    """An Enroll request as the service takes it."""
+
+    bootstrap_token: str
+    csr_pem: str
+    device_name: str
+    labels: Mapping[str, str]
+    hardware: HardwareFacts | None
+    agent_version: str
+
+
+@dataclass(frozen=True)
+class GatewayHints:
+    """How the gateway asks agents to pace themselves."""
+
+    heartbeat_interval: timedelta
+    reconnect_backoff_initial: timedelta
+    reconnect_backoff_max: timedelta
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    """What an enrolled device is told: its certificate, whom to trust, who it now is."""
+
+    certificate_chain_pem: bytes
+    ca_bundle_pem: bytes
+    device_id: str
+    namespace: str
+    device_class: str
+    name: str
+    not_after: datetime
+    hints: GatewayHints
+
+
+@dataclass(frozen=True)
+class FileChunk:
+    """One piece of a metadata or target file (fleet.proto ``Chunk``)."""
+
+    offset: int
+    data: bytes
+    total_length: int
+    eof: bool
+
+
+@dataclass(frozen=True)
+class ModelSample:
+    """One model's figures in a health report (fleet.proto ``ModelHealth``)."""
+
+    model_namespace: str
+    model_name: str
+    version: str
+    slot: Slot | None
+    inference_count: int
+    error_count: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    accelerator_fallback_count: int
+
+
+@dataclass(frozen=True)
+class HealthSample:
+    """One health report (fleet.proto ``HealthReport``)."""
+
+    window_start: datetime
+    window: timedelta
+    cpu_percent: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int
+    models: tuple[ModelSample, ...]
+    energy_joules: float | None
+
+
+@dataclass(frozen=True)
+class InstallOutcomeReport:
+    """One install report (fleet.proto ``InstallReport``); ``finished_at`` ``None`` when the device left it unset."""
+
+    assignment_revision: int
+    model_namespace: str
+    model_name: str
+    from_version: str
+    to_version: str
+    outcome: Outcome
+    reason: str
+    message: str
+    failed_phase: Phase | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ServicePolicy:
+    """The service's settings (built once from the gateway's configuration)."""
+
+    certificate_validity: timedelta = timedelta(days=30)
+    """Lifetime of the device certificates Enroll issues."""
+    heartbeat_interval: timedelta = timedelta(seconds=30)
+    """How often agents are asked to report health (never under 1 s)."""
+    reconnect_backoff_initial: timedelta = timedelta(seconds=1)
+    """First delay of an agent's reconnect backoff."""
+    reconnect_backoff_max: timedelta = timedelta(seconds=60)
+    """Largest delay of an agent's reconnect backoff."""
+    status_interval: timedelta = timedelta(seconds=10)
+    """Health records are written at most this often per device."""
+    identity_cache_ttl: timedelta = timedelta(seconds=5)
+    """How long a device record read for authentication is trusted: the delay before a revocation bites."""
+    tuf_prefix: str = "tuf/"
+    """Store prefix of the TUF repository whose metadata and targets are served."""
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _require(ok: bool, field_name: str, problem: str) -> None:
+    if not ok:
+        raise InvalidArgument(field_name, problem)
+
+
+def _check_text(value: str, field_name: str, *, max_chars: int, pattern: re.Pattern[str] | None = None,
+                required: bool = True, what: str = "") -> None:  # fmt: skip
+    if not value:
+        _require(not required, field_name, "is required")
+        return
+    _require(len(value) <= max_chars, field_name, f"is {len(value)} characters, over {max_chars}")
+    if pattern is not None:
+        _require(bool(pattern.fullmatch(value)), field_name, f"{value!r} is not {what or 'valid'}")
+
+
+def _check_label_key(key: str, where: str) -> None:
+    prefix, slash, name = key.rpartition("/")
+    if slash:
+        _require(
+            len(prefix) <= 253 and bool(_DNS_SUBDOMAIN.fullmatch(prefix)),
+            where,
+            f"key prefix {prefix!r} is not a DNS subdomain",
+        )
+    _require(bool(_LABEL_NAME.fullmatch(name)), where, f"key {key!r} is not a Kubernetes label key")
+
+
+def _check_labels(labels: Mapping[str, str]) -> None:
+    _require(len(labels) <= MAX_LABELS, "labels", f"{len(labels)} labels, over {MAX_LABELS}")
+    for key, value in labels.items():
+        where = f"labels[{key[:80]!r}]"
+        _check_label_key(key, where)
+        _require(
+            value == "" or bool(_LABEL_NAME.fullmatch(value)), where, "value is not a Kubernetes label value (≤ 63)"
+        )
+
+
+def _check_names(values: tuple[str, ...], field_name: str, pattern: re.Pattern[str]) -> None:
+    _require(len(values) <= MAX_LIST_ITEMS, field_name, f"{len(values)} items, over {MAX_LIST_ITEMS}")
+    for index, value in enumerate(values):
+        _require(bool(pattern.fullmatch(value)), f"{field_name}[{index}]", f"{value[:80]!r} is not valid")
+
+
+def _check_hardware(hardware: HardwareFacts) -> None:
+    _check_text(hardware.cpu_arch, "hardware.cpu_arch", max_chars=64, pattern=_FACT, required=False)
+    _require(1 <= hardware.cpu_cores <= 1 << 16, "hardware.cpu_cores", f"{hardware.cpu_cores} is not 1 to 65536")
+    _check_names(hardware.cpu_features, "hardware.cpu_features", _CPU_FEATURE)
+    _check_names(hardware.execution_providers, "hardware.execution_providers", _FACT)
+    _require(len(hardware.accelerators) <= 16, "hardware.accelerators", "more than 16 accelerators")
+    for index, accelerator in enumerate(hardware.accelerators):
+        where = f"hardware.accelerators[{index}]"
+        _require(accelerator.type in ACCELERATOR_TYPES, f"{where}.type", f"not one of {sorted(ACCELERATOR_TYPES)}")
+        _check_text(accelerator.model, f"{where}.model", max_chars=256, required=False)
+        _require(accelerator.model.isprintable(), f"{where}.model", "has control characters")
+        _check_names(accelerator.execution_providers, f"{where}.execution_providers", _FACT)
+
+
+def _hardware_document(hardware: HardwareFacts | None) -> dict[str, JsonValue]:
+    if hardware is None:
+        return {}
+    return {
+        "cpu_arch": hardware.cpu_arch,
+        "cpu_cores": hardware.cpu_cores,
+        # Sorted and unique is what fleet.proto asks of agents; normalised rather than refused.
+        "cpu_features": list[JsonValue](sorted(set(hardware.cpu_features))),
+        "memory_bytes": hardware.memory_bytes,
+        "accelerators": [
+            {
+                "type": a.type,
+                "model": a.model,
+                "memory_bytes": a.memory_bytes,
+                "execution_providers": list[JsonValue](a.execution_providers),
+            }
+            for a in hardware.accelerators
+        ],
+        "execution_providers": list[JsonValue](hardware.execution_providers),
+        "storage_free_bytes": hardware.storage_free_bytes,
+    }
+
+
+def _check_fetch_window(offset: int, max_length: int) -> None:
+    _require(offset < SIGNED_LIMIT, "offset", "is negative (sent through a signed type)")
+    _require(max_length > 0, "max_length", "is required (> 0)")
+
+
+def _check_finite(value: float, field_name: str, *, upper: float | None = None) -> None:
+    _require(math.isfinite(value) and value >= 0, field_name, f"{value} is not a finite number ≥ 0")
+    if upper is not None:
+        _require(value <= upper, field_name, f"{value} is over {upper}")
+
+
+def _check_model_sample(sample: ModelSample, where: str) -> None:
+    _check_text(sample.model_namespace, f"{where}.model_namespace", max_chars=63, pattern=_DNS_LABEL,
+                what="a DNS-1123 label")  # fmt: skip
+    _check_text(sample.model_name, f"{where}.model_name", max_chars=253, pattern=_DNS_SUBDOMAIN,
+                what="a DNS-1123 subdomain")  # fmt: skip
+    _check_text(sample.version, f"{where}.version", max_chars=64, pattern=_VERSION, what="a bundle version")
+    _require(sample.error_count <= sample.inference_count, f"{where}.error_count", "is greater than inference_count")
+    _require(
+        sample.accelerator_fallback_count <= sample.inference_count,
+        f"{where}.accelerator_fallback_count",
+        "is greater than inference_count",
+    )
+    for name, value in (("p50", sample.latency_p50_ms), ("p95", sample.latency_p95_ms),
+                        ("p99", sample.latency_p99_ms)):  # fmt: skip
+        _check_finite(value, f"{where}.latency_{name}_ms")
+    _require(
+        sample.latency_p50_ms <= sample.latency_p95_ms <= sample.latency_p99_ms,
+        f"{where}.latency_p95_ms",
+        "percentiles must satisfy p50 <= p95 <= p99",
+    )
+
+
+def _check_health(sample: HealthSample) -> None:
+    _require(timedelta(0) < sample.window <= MAX_WINDOW, "window", f"must be over 0 and at most {MAX_WINDOW}")
+    _check_finite(sample.cpu_percent, "cpu_percent", upper=100.0)
+    _require(sample.memory_used_bytes <= sample.memory_total_bytes, "memory_used_bytes", "is over memory_total_bytes")
+    _require(sample.disk_used_bytes <= sample.disk_total_bytes, "disk_used_bytes", "is over disk_total_bytes")
+    if sample.energy_joules is not None:
+        _check_finite(sample.energy_joules, "energy_joules")
+    _require(
+        len(sample.models) <= MAX_MODELS_PER_REPORT, "models", f"{len(sample.models)} over {MAX_MODELS_PER_REPORT}"
+    )
+    seen: set[tuple[str, str]] = set()
+    for index, model in enumerate(sample.models):
+        _check_model_sample(model, f"models[{index}]")
+        key = (model.model_namespace, model.model_name)
+        _require(key not in seen, f"models[{index}]", f"{key[0]}/{key[1]} is reported twice")
+        seen.add(key)
+
+
+def _check_install(report: InstallOutcomeReport) -> None:
+    _require(1 <= report.assignment_revision < SIGNED_LIMIT, "assignment_revision", "must be a revision ≥ 1")
+    _check_text(report.model_namespace, "model_namespace", max_chars=63, pattern=_DNS_LABEL, what="a DNS-1123 label")
+    _check_text(report.model_name, "model_name", max_chars=253, pattern=_DNS_SUBDOMAIN, what="a DNS-1123 subdomain")
+    _check_text(report.from_version, "from_version", max_chars=64, pattern=_VERSION, required=False,
+                what="a bundle version")  # fmt: skip
+    _check_text(report.to_version, "to_version", max_chars=64, pattern=_VERSION, required=False,
+                what="a bundle version")  # fmt: skip
+    _check_text(report.reason, "reason", max_chars=64, pattern=_REASON, what="an UpperCamelCase reason")
+    _check_text(report.message, "message", max_chars=1024, required=False)
+    _require(
+        (report.failed_phase is None) == (report.outcome == "succeeded"),
+        "failed_phase",
+        "must be set exactly when the outcome is not SUCCEEDED",
+    )
+
+
+# ------------------------------------------------------------------------------- health intake
+
+
+@dataclass
+class _Totals:
+    """Cumulative counters of one model version on one device (mutable twin of ``ModelTotals``)."""
+
+    model_namespace: str
+    model_name: str
+    version: str
+    windows: int = 0
+    inference_count: int = 0
+    error_count: int = 0
+    accelerator_fallback_count: int = 0
+    last_p50_ms: float = 0.0
+    last_p95_ms: float = 0.0
+    last_p99_ms: float = 0.0
+
+    def frozen(self) -> ModelTotals:
+        return ModelTotals(
+            model_namespace=self.model_namespace,
+            model_name=self.model_name,
+            version=self.version,
+            windows=self.windows,
+            inference_count=self.inference_count,
+            error_count=self.error_count,
+            accelerator_fallback_count=self.accelerator_fallback_count,
+            last_p50_ms=self.last_p50_ms,
+            last_p95_ms=self.last_p95_ms,
+            last_p99_ms=self.last_p99_ms,
+        )
+
+
+@dataclass
+class _DeviceHealth:
+    """A device's health as this gateway knows it; ``merged`` once the stored record was folded in."""
+
+    identity: DeviceIdentity
+    updated_at: datetime
+    last: HealthSample | None = None
+    totals: dict[str, _Totals] = field(default_factory=dict)
+    last_install: InstallRecord | None = None
+    dirty: bool = False
+    merged: bool = False
+    stored_window: HealthWindow | None = None
+    """The stored record's window, kept while this gateway has none newer (an install report came first)."""
+
+    def add(self, sample: HealthSample, now: datetime) -> None:
+        self.last = sample
+        self.updated_at = now
+        self.dirty = True
+        for model in sample.models:
+            key = totals_key(model.model_namespace, model.model_name, model.version)
+            totals = self.totals.get(key)
+            if totals is None:
+                totals = self.totals[key] = _Totals(model.model_namespace, model.model_name, model.version)
+            totals.windows += 1
+            totals.inference_count += model.inference_count
+            totals.error_count += model.error_count
+            totals.accelerator_fallback_count += model.accelerator_fallback_count
+            if model.inference_count:  # latencies mean nothing in an idle window (fleet.proto)
+                totals.last_p50_ms = model.latency_p50_ms
+                totals.last_p95_ms = model.latency_p95_ms
+                totals.last_p99_ms = model.latency_p99_ms
+
+    def merge(self, stored: DeviceHealthRecord | None) -> None:
+        """Fold in what earlier gateway lives (or replicas) wrote, so totals stay cumulative."""
+        self.merged = True
+        if stored is None:
+            return
+        for key, old in stored.totals.items():
+            totals = self.totals.get(key)
+            if totals is None:
+                self.totals[key] = _Totals(**old.model_dump())
+                continue
+            totals.windows += old.windows
+            totals.inference_count += old.inference_count
+            totals.error_count += old.error_count
+            totals.accelerator_fallback_count += old.accelerator_fallback_count
+        if self.last_install is None:
+            self.last_install = stored.last_install
+        self.stored_window = stored.last_window
+
+    def record(self) -> DeviceHealthRecord:
+        window = self.stored_window
+        if self.last is not None:
+            sample = self.last
+            window = HealthWindow(
+                window_start=sample.window_start,
+                window_seconds=sample.window.total_seconds(),
+                cpu_percent=sample.cpu_percent,
+                memory_used_bytes=sample.memory_used_bytes,
+                memory_total_bytes=sample.memory_total_bytes,
+                disk_used_bytes=sample.disk_used_bytes,
+                disk_total_bytes=sample.disk_total_bytes,
+                models=[
+                    ModelWindow(
+                        model_namespace=m.model_namespace,
+                        model_name=m.model_name,
+                        version=m.version,
+                        slot=m.slot,
+                        inference_count=m.inference_count,
+                        error_count=m.error_count,
+                        latency_p50_ms=m.latency_p50_ms,
+                        latency_p95_ms=m.latency_p95_ms,
+                        latency_p99_ms=m.latency_p99_ms,
+                        accelerator_fallback_count=m.accelerator_fallback_count,
+                    )
+                    for m in sample.models
+                ],
+                energy_joules=sample.energy_joules,
+            )
+        identity = self.identity
+        return DeviceHealthRecord(
+            device_id=identity.device_id,
+            namespace=identity.namespace,
+            name=identity.name,
+            device_class=identity.device_class,
+            updated_at=self.updated_at,
+            last_window=window,
+            totals={key: totals.frozen() for key, totals in self.totals.items()},
+            last_install=self.last_install,
+        )
+
+
+# --------------------------------------------------------------------------------------- service
+
+
+class GatewayService:
+    """Enrollment, authentication, artifact reads and health intake for one gateway process.
+
+    Thread-safe where the servicer needs it: the store-touching methods run in worker threads
+    while :meth:`report_health` and :meth:`cached_device` run on the event loop.
+    """
+
+    def __init__(
+        self,
+        fleet: FleetState,
+        store: ArtifactStore,
+        ca: FleetCA,
+        policy: ServicePolicy | None = None,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._fleet = fleet
+        self._store = store
+        self._ca = ca
+        self.policy = policy or ServicePolicy()
+        self._clock = clock
+        # serial -> (record or the refusal to repeat, when it was read)
+        self._auth: dict[str, tuple[DeviceRecord | Unauthenticated, datetime]] = {}
+        self._health: dict[str, _DeviceHealth] = {}
+        self._health_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one health writer at a time, so an older snapshot never wins
+
+    @property
+    def hints(self) -> GatewayHints:
+        """What Enroll tells agents about pacing."""
+        return GatewayHints(
+            heartbeat_interval=max(self.policy.heartbeat_interval, timedelta(seconds=1)),
+            reconnect_backoff_initial=self.policy.reconnect_backoff_initial,
+            reconnect_backoff_max=self.policy.reconnect_backoff_max,
+        )
+
+    # ------------------------------------------------------------------------------- enrollment
+
+    def enroll(self, application: EnrollApplication) -> EnrollResult:
+        """Check every field, spend the token, sign the CSR and record the device."""
+        _check_text(application.bootstrap_token, "bootstrap_token", max_chars=MAX_TOKEN_CHARS)
+        _check_text(application.csr_pem, "csr_pem", max_chars=MAX_CSR_BYTES)
+        _require(len(application.csr_pem.encode()) <= MAX_CSR_BYTES, "csr_pem", f"over {MAX_CSR_BYTES} bytes")
+        _check_text(application.device_name, "device_name", max_chars=63, pattern=_DNS_LABEL,
+                    what="a DNS-1123 label (lowercase alphanumerics and '-', 1-63)")  # fmt: skip
+        _check_labels(application.labels)
+        if application.hardware is not None:
+            _check_hardware(application.hardware)
+        _check_text(application.agent_version, "agent_version", max_chars=64, pattern=_AGENT_VERSION,
+                    required=False, what="a PEP 440 version")  # fmt: skip
+        try:
+            token = self._fleet.check_token(application.bootstrap_token)
+            name = token.device_name or application.device_name  # a pinned name wins (fleet.proto)
+            identity_id = device_id(token.namespace, name)
+            token = self._fleet.redeem_token(application.bootstrap_token, name, identity_id)
+        except TokenRefused as e:
+            logger.info("enrollment of %r refused: bootstrap token %s", application.device_name, e.reason)
+            raise Unauthenticated(f"bootstrap token refused ({e.reason}): {e}") from e
+        except (FleetError, StoreError) as e:
+            raise Unavailable(f"cannot check the bootstrap token: {e}") from e
+        try:
+            issued = self._ca.sign_device_csr(
+                application.csr_pem.encode(),
+                namespace=token.namespace,
+                device_class=token.device_class,
+                name=name,
+                validity=self.policy.certificate_validity,
+            )
+        except CsrRefused as e:
+            raise InvalidArgument("csr_pem", str(e)) from e
+        now = self._clock()
+        try:
+            record = DeviceRecord(
+                device_id=identity_id,
+                namespace=token.namespace,
+                name=name,
+                device_class=token.device_class,
+                labels=dict(application.labels),
+                hardware=_hardware_document(application.hardware),
+                agent_version=application.agent_version,
+                cert_serial=issued.serial,
+                cert_not_after=issued.not_after,
+                enrolled_at=now,
+            )
+        except ValidationError as e:  # every field was checked above: a disagreement with the record is ours
+            raise InvalidArgument("device", f"cannot be recorded: {e.errors()[0]['msg']}") from e
+        try:
+            self._fleet.put_device(record)
+        except (FleetError, StoreError) as e:
+            raise Unavailable(f"cannot record the device: {e}") from e
+        logger.info("[%s/%s] enrolled (class %s, serial %s)", token.namespace, name, token.device_class, issued.serial)
+        return EnrollResult(
+            certificate_chain_pem=issued.certificate_pem,
+            ca_bundle_pem=self._ca.certificate_pem,
+            device_id=identity_id,
+            namespace=token.namespace,
+            device_class=token.device_class,
+            name=name,
+            not_after=issued.not_after,
+            hints=self.hints,
+        )
+
+    # ---------------------------------------------------------------------------- authentication
+
+    def cached_device(self, identity: DeviceIdentity) -> DeviceRecord | None:
+        """The device's record if a fresh cached read decides the call (no IO); ``None`` to read it.
+
+        Raises what :meth:`authenticate` would for a cached refusal.
+        """
+        cached = self._auth.get(identity.serial)
+        if cached is None or self._clock() - cached[1] >= self.policy.identity_cache_ttl:
+            return None
+        return self._judge(identity, cached[0])
+
+    def authenticate(self, identity: DeviceIdentity) -> DeviceRecord:
+        """The device record of a verified certificate; refused if it is not the device's current one or revoked."""
+        cached = self.cached_device(identity)
+        if cached is not None:
+            return cached
+        try:
+            record = self._fleet.get_device(identity.namespace, identity.name)
+        except (FleetError, StoreError) as e:
+            raise Unavailable(f"cannot look up device {identity.device_id}: {e}") from e
+        verdict: DeviceRecord | Unauthenticated = (
+            record
+            if record is not None
+            and record.cert_serial == identity.serial
+            and record.device_class == identity.device_class
+            else Unauthenticated("unknown certificate: not the current enrollment of this device")
+        )
+        if len(self._auth) >= MAX_AUTH_CACHE:
+            self._auth.clear()  # rare: a serial is re-read at worst
+        self._auth[identity.serial] = (verdict, self._clock())
+        return self._judge(identity, verdict)
+
+    @staticmethod
+    def _judge(identity: DeviceIdentity, verdict: DeviceRecord | Unauthenticated) -> DeviceRecord:
+        if isinstance(verdict, Unauthenticated):
+            raise Unauthenticated(str(verdict))
+        if verdict.revoked:
+            raise PermissionDenied(f"device {identity.device_id} is revoked")
+        return verdict
+
+    # --------------------------------------------------------------------------------- artifacts
+
+    def open_metadata(self, role: str, version: int, offset: int, max_length: int) -> Iterator[FileChunk]:
+        """The chunks of ``<role>.json`` (version 0) or ``<version>.<role>.json`` from ``offset``.
+
+        Every refusal is raised here, before the first chunk; the iterator itself only fails if
+        the store does mid-read (:class:`Unavailable`: the client resumes from its offset).
+        """
+        _check_text(role, "role", max_chars=MAX_ROLE_CHARS, pattern=_ROLE, what="a TUF role name")
+        _require(role not in (".", ".."), "role", f"{role!r} is not a TUF role name")
+        _require(version < SIGNED_LIMIT, "version", "is negative (sent through a signed type)")
+        _check_fetch_window(offset, max_length)
+        filename = f"{role}.json" if version == 0 else f"{version}.{role}.json"
+        return self._open(f"{self.policy.tuf_prefix}{METADATA_DIR}{filename}", f"metadata {filename}", offset,
+                          max_length)  # fmt: skip
+
+    def open_target(
+        self, identity: DeviceIdentity, target_path: str, offset: int, max_length: int
+    ) -> Iterator[FileChunk]:
+        """The chunks of a TUF target of the device's own class from ``offset`` (as :meth:`open_metadata`)."""
+        _check_text(target_path, "target_path", max_chars=MAX_TARGET_PATH_CHARS)
+        _require(".." not in target_path.split("/"), "target_path", "must not have '..' segments")
+        _require(is_safe_path(target_path), "target_path", "is not a relative path of [A-Za-z0-9._-] segments")
+        _check_fetch_window(offset, max_length)
+        if not target_path.startswith(f"{identity.device_class}/"):
+            # The issue's wording (PERMISSION_DENIED) wins over fleet.proto's NOT_FOUND here.
+            raise PermissionDenied(f"target {target_path} is not published for device class {identity.device_class}")
+        return self._open(f"{self.policy.tuf_prefix}{TARGETS_DIR}{target_path}", f"target {target_path}", offset,
+                          max_length)  # fmt: skip
+
+    def _open(self, key: str, what: str, offset: int, max_length: int) -> Iterator[FileChunk]:
+        if len(key) > MAX_KEY_LENGTH:  # a valid path, but longer than any key the store can hold
+            raise NotFound(f"no {what}")
+        try:
+            found = self._store.stat(key)
+        except StoreError as e:
+            raise Unavailable(f"cannot read {what}: {e}") from e
+        if found is None:
+            raise NotFound(f"no {what}")
+        if found.size > max_length:
+            raise ResourceExhausted(f"{what} is {found.size} bytes, over max_length {max_length}")
+        if offset > found.size:
+            raise OutOfRange(f"offset {offset} is beyond the end of {what} ({found.size} bytes)")
+        if offset == 0 and found.size <= CHUNK_BYTES:
+            # Read whole in one call: a small mutable file (timestamp.json) replaced between stat and
+            # read must not come out as a mix of two versions.
+            try:
+                data = self._store.get(key, max_bytes=min(max_length, CHUNK_BYTES))
+            except StoreNotFound as e:
+                raise NotFound(f"no {what}") from e
+            except StoreLimitExceeded as e:
+                raise ResourceExhausted(f"{what} grew over max_length {max_length} while read") from e
+            except StoreError as e:
+                raise Unavailable(f"cannot read {what}: {e}") from e
+            return iter((FileChunk(0, data, len(data), True),))
+        return self._chunks(key, what, offset, found.size)
+
+    def _chunks(self, key: str, what: str, offset: int, total: int) -> Iterator[FileChunk]:
+        if offset == total:
+            yield FileChunk(offset, b"", total, True)
+            return
+        position = offset
+        while position < total:
+            want = min(CHUNK_BYTES, total - position)
+            try:
+                data = self._store.get_range(key, position, want)
+            except StoreError as e:
+                raise Unavailable(f"cannot read {what} at {position}: {e}") from e
+            if len(data) != want:
+                raise Unavailable(f"{what} changed while it was read; fetch it again")
+            end = position + want
+            yield FileChunk(position, data, total, end == total)
+            position = end
+
+    # ------------------------------------------------------------------------------------ health
+
+    def report_health(self, identity: DeviceIdentity, sample: HealthSample) -> None:
+        """Validate a report and keep it in memory; :meth:`flush_health` writes it out later."""
+        _check_health(sample)
+        now = self._clock()
+        with self._health_lock:
+            entry = self._health.get(identity.device_id)
+            if entry is None or entry.identity.device_class != identity.device_class:
+                entry = self._health[identity.device_id] = _DeviceHealth(identity, now)
+            entry.add(sample, now)
+
+    def report_install(self, identity: DeviceIdentity, report: InstallOutcomeReport) -> bool:
+        """Keep an install report and write the device's health record at once; ``False`` for a duplicate."""
+        _check_install(report)
+        now = self._clock()
+        try:
+            record = InstallRecord(
+                revision=report.assignment_revision,
+                model_namespace=report.model_namespace,
+                model_name=report.model_name,
+                from_version=report.from_version,
+                to_version=report.to_version,
+                outcome=report.outcome,
+                reason=report.reason,
+                message=report.message,
+                failed_phase=report.failed_phase,
+                finished_at=report.finished_at or now,
+            )
+        except ValidationError as e:
+            raise InvalidArgument("install report", e.errors()[0]["msg"]) from e
+        try:
+            fresh = self._fleet.record_install(identity.namespace, identity.name, record)
+        except (FleetError, StoreError) as e:
+            raise Unavailable(f"cannot keep the install report: {e}") from e
+        if not fresh:
+            return False
+        logger.info(
+            "[%s/%s] install r%d %s/%s %s: %s (%s)",
+            identity.namespace, identity.name, record.revision, record.model_namespace, record.model_name,
+            record.to_version, record.outcome, record.reason,
+        )  # fmt: skip
+        with self._health_lock:
+            entry = self._health.get(identity.device_id)
+            if entry is None or entry.identity.device_class != identity.device_class:
+                entry = self._health[identity.device_id] = _DeviceHealth(identity, now)
+            entry.last_install = record
+            entry.updated_at = now
+            entry.dirty = True
+        try:
+            self._flush([identity.device_id])
+        except (FleetError, StoreError) as e:
+            raise Unavailable(f"cannot write the health record: {e}") from e
+        return True
+
+    def flush_health(self, *, evict_idle: timedelta | None = None) -> int:
+        """Write every device's health record that changed since the last flush; how many were written.
+
+        Called every ``status_interval`` by the server (and on shutdown), so each device is written
+        at most that often. Entries idle longer than ``evict_idle`` are dropped after a flush: the
+        store holds everything they knew, and another replica may be the device's gateway now.
+        """
+        with self._health_lock:
+            dirty = [key for key, entry in self._health.items() if entry.dirty]
+        written = self._flush(dirty)
+        if evict_idle is not None:
+            cutoff = self._clock() - evict_idle
+            with self._health_lock:
+                for key in [k for k, e in self._health.items() if not e.dirty and e.updated_at < cutoff]:
+                    del self._health[key]
+        return written
+
+    def _flush(self, device_ids: list[str]) -> int:
+        if not device_ids:
+            return 0
+        written = 0
+        with self._write_lock:
+            with self._health_lock:
+                unmerged = {e.identity.device_class for k in device_ids if (e := self._health.get(k)) and not e.merged}
+            stored: dict[str, DeviceHealthRecord] = {}
+            for device_class in sorted(unmerged):
+                stored.update({r.device_id: r for r in self._fleet.read_health(device_class)})
+            for key in device_ids:
+                with self._health_lock:
+                    entry = self._health.get(key)
+                    if entry is None or not entry.dirty:
+                        continue
+                    if not entry.merged:
+                        entry.merge(stored.get(key))
+                    record = entry.record()
+                    entry.dirty = False
+                try:
+                    self._fleet.write_health(record)
+                except (FleetError, StoreError):
+                    with self._health_lock:
+                        entry.dirty = True  # try again next flush
+                    raise
+                written += 1
+        return written
+
+    def pending_health(self) -> int:
+        """Devices whose latest health is not yet written (for tests and metrics)."""
+        with self._health_lock:
+            return sum(1 for entry in self._health.values() if entry.dirty)
+
+
+def check_watch(last_revision: int, installed: Iterable[InstalledModel]) -> list[InstalledModel]:
+    """The fields of a WatchAssignments request, checked; the installed models as a list."""
+    _require(last_revision < SIGNED_LIMIT, "last_revision", "is negative (sent through a signed type)")
+    models = list(installed)
+    _require(len(models) <= MAX_MODELS_PER_REPORT, "installed", f"{len(models)} over {MAX_MODELS_PER_REPORT}")
+    for index, model in enumerate(models):
+        where = f"installed[{index}]"
+        _check_text(model.model_namespace, f"{where}.model_namespace", max_chars=63, pattern=_DNS_LABEL,
+                    what="a DNS-1123 label")  # fmt: skip
+        _check_text(model.model_name, f"{where}.model_name", max_chars=253, pattern=_DNS_SUBDOMAIN,
+                    what="a DNS-1123 subdomain")  # fmt: skip
+        _check_text(model.version, f"{where}.version", max_chars=64, pattern=_VERSION, required=False,
+                    what="a bundle version")  # fmt: skip
+    return models

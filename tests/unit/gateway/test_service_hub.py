@@ -1,0 +1,113 @@
+"""AssignmentHub over a real LocalStore: replay after a revision, removals, pushes, slow watchers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from edgefleet_core.store.local import LocalStore
+from edgefleet_operator.fleet.records import AssignmentRecord
+from edgefleet_operator.fleet.state import FleetState
+from edgefleet_operator.gateway.hub import AssignmentHub, InstalledModel, Instruction, Removal
+from edgefleet_operator.gateway.pki import DeviceIdentity
+
+CAM = DeviceIdentity(device_id="demo.cam-1", namespace="demo", device_class="cpu-small", name="cam-1", serial="1a")
+SHA = "ab" * 32
+
+
+def _assign(fleet: FleetState, model: str, version: str, names: tuple[str, ...] = ("cam-1",)) -> int:
+    return fleet.assign(
+        "demo",
+        names,
+        model_namespace="demo",
+        model_name=model,
+        version=version,
+        action="install",
+        target_paths=[f"cpu-small/demo/{model}/{version}/manifest.json"],
+        bundle_sha256=SHA,
+        bundle_length=10,
+    )
+
+
+async def _next(stream: AsyncIterator[Instruction], hub: AssignmentHub) -> Instruction:
+    """The stream's next instruction, polling the hub by hand until it comes."""
+    waiting = asyncio.ensure_future(anext(stream))
+    for _ in range(200):
+        await hub.poll_once()
+        done, _ = await asyncio.wait({waiting}, timeout=0.01)
+        if done:
+            return waiting.result()
+    waiting.cancel()
+    raise AssertionError("no instruction pushed")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> FleetState:
+    return FleetState(LocalStore(tmp_path / "store"))
+
+
+@pytest.mark.asyncio
+async def test_replays_newer_assignments_in_order_then_pushes_new_ones(fleet: FleetState) -> None:
+    first = _assign(fleet, "digits", "1.0.0")
+    second = _assign(fleet, "faces", "2.0.0")
+    hub = AssignmentHub(fleet, poll_interval=0.01)
+    stream = hub.watch(CAM, 0, ())
+    got = [await _next(stream, hub), await _next(stream, hub)]
+    assert [i.revision for i in got] == [first, second]
+    assert hub.connected_devices() == 1
+    third = _assign(fleet, "digits", "1.1.0")
+    pushed = await _next(stream, hub)
+    assert isinstance(pushed, AssignmentRecord)
+    assert (pushed.revision, pushed.version) == (third, "1.1.0")
+    await stream.aclose()
+    assert hub.connected_devices() == 0
+
+
+@pytest.mark.asyncio
+async def test_resumes_after_last_revision_and_removes_unassigned_models(fleet: FleetState) -> None:
+    first = _assign(fleet, "digits", "1.0.0")
+    second = _assign(fleet, "faces", "2.0.0")
+    hub = AssignmentHub(fleet, poll_interval=0.01)
+    stream = hub.watch(CAM, first, [InstalledModel("demo", "digits", "1.0.0"), InstalledModel("demo", "old", "0.1")])
+    got = [await _next(stream, hub), await _next(stream, hub)]
+    assert isinstance(got[0], AssignmentRecord)
+    assert got[0].revision == second
+    assert got[1] == Removal(revision=second, model_namespace="demo", model_name="old")
+    await stream.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_watcher_that_does_not_read_only_keeps_the_newest_snapshot(fleet: FleetState) -> None:
+    hub = AssignmentHub(fleet, poll_interval=0.01)
+    slow = hub.watch(CAM, 0, ())
+    fast_identity = DeviceIdentity("demo.cam-2", "demo", "cpu-small", "cam-2", "2b")
+    fast = hub.watch(fast_identity, 0, ())
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        _assign(fleet, "digits", version, ("cam-1", "cam-2"))
+        got = await _next(fast, hub)
+        assert isinstance(got, AssignmentRecord)
+        assert got.version == version
+    latest = await _next(slow, hub)  # the slow one skips straight to the current state
+    assert isinstance(latest, AssignmentRecord)
+    assert latest.version == "1.2.0"
+    await slow.aclose()
+    await fast.aclose()
+
+
+@pytest.mark.asyncio
+async def test_stop_ends_every_stream(fleet: FleetState) -> None:
+    hub = AssignmentHub(fleet, poll_interval=0.01)
+    await hub.start()
+    stream = hub.watch(CAM, 0, ())
+    waiting = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # let the watch register
+    for _ in range(100):
+        if hub.connected_devices():
+            break
+        await asyncio.sleep(0.01)
+    await hub.stop()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiting, 5)
