@@ -29,6 +29,7 @@ from edgefleet_core.bundle.manifest import (
     ModelRef,
     parse_manifest,
 )
+from edgefleet_core.bundle.selftest import SelfTest
 from edgefleet_core.errors import BundleError, BundleVerificationError, VerificationError
 from edgefleet_core.signing.client import TufClient
 from edgefleet_core.signing.repository import RepositoryVersions, TufRepository
@@ -105,8 +106,12 @@ def build_bundles(
     metrics: Mapping[str, float],
     partition_plan: Mapping[str, Any] | None = None,
     base: tuple[str, Mapping[str, bytes]] | None = None,
+    self_test: SelfTest | None = None,
 ) -> list[BuiltBundle]:
-    """The full bundle, plus a delta bundle against ``base`` (version, files) when that is smaller."""
+    """The full bundle, plus a delta bundle against ``base`` (version, files) when that is smaller.
+
+    ``self_test`` (see :mod:`edgefleet_core.bundle.selftest`) goes into both manifests.
+    """
     unknown = sorted(set(files) - set(ROLES))
     if unknown or not files:
         raise BundleError(f"a bundle carries model.onnx, or head.onnx and tail.onnx; got {sorted(files)}")
@@ -140,6 +145,7 @@ def build_bundles(
                 "partition_plan": dict(partition_plan) if partition_plan is not None else None,
                 "metrics": dict(metrics),
                 "files": entries,
+                "self_test": self_test,
             }
         )
         payloads = {_encoded_name(name): enc.payload for name, enc in encoded.items()}

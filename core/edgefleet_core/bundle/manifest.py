@@ -14,6 +14,7 @@ from typing import Annotated, Final, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from edgefleet_core.bundle.selftest import SelfTest
 from edgefleet_core.errors import BundleError
 from edgefleet_core.resources.base import DNS_SUBDOMAIN_PATTERN, SHA256_HEX_PATTERN
 
@@ -104,6 +105,8 @@ class BundleManifest(_ManifestModel):
     partition_plan: dict[str, JsonValue] | None = None
     metrics: Annotated[dict[str, Metric], Field(max_length=256)]
     files: Annotated[list[BundleFile], Field(min_length=1, max_length=2)]
+    self_test: SelfTest | None = None
+    """Golden inputs and outputs the device checks before the version takes traffic; ``None`` in older bundles."""
 
     @model_validator(mode="after")
     def _files_consistent(self) -> Self:
@@ -116,9 +119,16 @@ class BundleManifest(_ManifestModel):
         return self
 
     def canonical_json(self) -> bytes:
-        """The bytes to sign and hash: sorted keys, no spaces, ASCII, every field present."""
+        """The bytes to sign and hash: sorted keys, no spaces, ASCII, every field present.
+
+        Except ``selfTest`` when it is ``None``: fields added later are left out while unset, so a
+        manifest published before they existed keeps exactly the bytes it was signed with.
+        """
+        document = self.model_dump(mode="json", by_alias=True)
+        if self.self_test is None:
+            del document["selfTest"]
         return json.dumps(
-            self.model_dump(mode="json", by_alias=True),
+            document,
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=True,

@@ -6,13 +6,17 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from edgefleet_core.errors import EdgeFleetError
 
-Store = Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket[/prefix].")]
+if TYPE_CHECKING:
+    from edgefleet_core.bundle.distribution import BuiltBundle
+    from edgefleet_core.bundle.selftest import SelfTest
+
+Store = Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket or s3://bucket/prefix.")]
 Endpoint = Annotated[
     str | None, typer.Option(help="S3 endpoint (http://host:port); default AWS_ENDPOINT_URL or MINIO_ENDPOINT.")
 ]
@@ -22,6 +26,8 @@ SecretKey = Annotated[
 ]
 Namespace = Annotated[str, typer.Option(help="Namespace of the EdgeModel.")]
 MAX_REPORT_BYTES = 16 * 1024 * 1024
+MAX_GOLDEN_BYTES = 1024 * 1024
+"""Sample inputs go into the signed manifest, which caps the self-test at 64 KiB; 1 MiB of NPZ is plenty."""
 
 
 def _fail(message: str) -> typer.Exit:
@@ -60,6 +66,36 @@ def _report_facts(report: Path | None, files: dict[str, bytes]) -> dict[str, Any
         raise EdgeFleetError(f"{report}: not an edgefleet optimize report ({type(exc).__name__}: {exc})") from None
 
 
+def _self_test(files: dict[str, bytes], golden_data: Path | None, latency_slo_ms: float | None) -> SelfTest:
+    """The manifest's self-test: the files run on ONNX Runtime CPU on sample (or generated) inputs."""
+    import zipfile
+
+    import numpy as np
+
+    from edgefleet_core.bundle.selftest import make_self_test
+
+    inputs = None
+    if golden_data is not None:
+        if golden_data.stat().st_size > MAX_GOLDEN_BYTES:
+            raise EdgeFleetError(f"{golden_data}: golden data is over {MAX_GOLDEN_BYTES} bytes")
+        try:
+            with np.load(golden_data, allow_pickle=False) as archive:
+                inputs = {name: archive[name] for name in archive.files}
+        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
+            raise EdgeFleetError(f"{golden_data}: not an NPZ of input arrays ({exc})") from None
+    return make_self_test(files, inputs=inputs, latency_slo_ms=latency_slo_ms)
+
+
+def _echo_published(bundles: list[BuiltBundle], decoded: int, self_test: SelfTest | None) -> None:
+    for built in bundles:
+        encoded = sum(len(p) for p in built.payloads.values())
+        kind = "delta" if built.prefix.rsplit("/", 1)[-1].startswith("delta-from-") else "full"
+        typer.echo(f"{kind:5} {built.prefix}: {encoded} bytes for {decoded} ({decoded / max(encoded, 1):.1f}x)")
+    if self_test is not None:
+        slo = "no latency SLO" if self_test.latency_slo_ms is None else f"latency SLO {self_test.latency_slo_ms} ms"
+        typer.echo(f"self-test: {len(self_test.inputs)} inputs, {len(self_test.outputs)} outputs, {slo}")
+
+
 def _check_replaceable(out: Path) -> None:
     """``out`` is replaced whole: only a new folder or an earlier fetch output (a valid manifest) qualifies."""
     from edgefleet_core.bundle.distribution import MANIFEST
@@ -88,11 +124,25 @@ def publish(
     report: Annotated[
         Path | None, typer.Option(help="report.json of `edgefleet optimize`: lineage and metrics for the manifest.")
     ] = None,
+    golden_data: Annotated[
+        Path | None,
+        typer.Option(help="NPZ of sample inputs by graph input name for the self-test; default generated inputs."),
+    ] = None,
+    latency_slo_ms: Annotated[
+        float | None, typer.Option(min=0.001, help="Self-test latency SLO: p95 of the golden runs on the device.")
+    ] = None,
+    no_self_test: Annotated[
+        bool, typer.Option("--no-self-test", help="Publish without self-test data (devices only load the model).")
+    ] = False,
     endpoint: Endpoint = None,
     access_key: AccessKey = None,
     secret_key: SecretKey = None,
 ) -> None:
-    """Encode, sign and publish a bundle; with an earlier version present, a delta bundle too."""
+    """Encode, sign and publish a bundle; with an earlier version present, a delta bundle too.
+
+    The manifest carries a self-test (golden inputs and the outputs ONNX Runtime gives on the CPU)
+    that devices run before a new version takes traffic.
+    """
     from edgefleet_core.bundle.distribution import (
         BundleRef,
         build_bundles,
@@ -111,11 +161,14 @@ def publish(
     names = [path.name for path in files]
     if len(set(names)) != len(names):
         raise _fail(f"two files share a name: {sorted(names)}; a bundle holds each of its files once")
+    if no_self_test and (golden_data is not None or latency_slo_ms is not None):
+        raise _fail("--no-self-test leaves no self-test for --golden-data or --latency-slo-ms")
     try:
         contents = {path.name: path.read_bytes() for path in files}
         for name, data in contents.items():
             parse_model(data, name)  # never sign something that is not a model
         facts = _report_facts(report, contents)
+        self_test = None if no_self_test else _self_test(contents, golden_data, latency_slo_ms)
         artifacts = open_store(store, endpoint=endpoint, access_key=access_key, secret_key=secret_key)
         repository = TufRepository(artifacts, KeySet.load(keys))
         root_file = keys / "root.json"
@@ -136,17 +189,13 @@ def publish(
             if earlier:
                 previous = fetch_bundle(client, BundleRef(namespace, model, device_class, earlier[-1]))
                 base = (earlier[-1], previous.files)
-        bundles = build_bundles(contents, ref, version, partition_plan=None, base=base, **facts)
+        bundles = build_bundles(contents, ref, version, partition_plan=None, base=base, self_test=self_test, **facts)
         versions = publish_bundles(repository, bundles)
     except EdgeFleetError as exc:
         raise _fail(str(exc)) from None
     except OSError as exc:
         raise _fail(f"{exc.filename or ''} {exc.strerror or exc}".strip()) from None
-    decoded = sum(len(data) for data in contents.values())
-    for built in bundles:
-        encoded = sum(len(p) for p in built.payloads.values())
-        kind = "delta" if built.prefix.rsplit("/", 1)[-1].startswith("delta-from-") else "full"
-        typer.echo(f"{kind:5} {built.prefix}: {encoded} bytes for {decoded} ({decoded / max(encoded, 1):.1f}x)")
+    _echo_published(bundles, sum(len(data) for data in contents.values()), self_test)
     typer.echo(f"published; targets version {versions.targets}, timestamp version {versions.timestamp}")
 
 

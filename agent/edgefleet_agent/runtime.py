@@ -1,0 +1,466 @@
+"""The models this device serves: ONNX Runtime sessions per version, hot swap, and per-window statistics.
+
+A model version is loaded into a :class:`LoadedModel` — one session for ``model.onnx``, or a head
+and a tail session run one after the other (the tail takes the head's outputs by name) — and
+self-tested before :meth:`ModelRuntime.activate` swaps it in. The swap is one reference
+assignment under a lock: a request picks the version it runs on when it starts and finishes on
+those sessions even if a swap happens meanwhile, so a swap drops no request. The version that
+was active before stays loaded as the previous one, so requests that pin it keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from edgefleet_agent.assignments import SlotName
+from edgefleet_agent.errors import (
+    InferenceFailed,
+    InvalidTensors,
+    ModelLoadError,
+    ModelNotReady,
+    UnknownModel,
+)
+from edgefleet_core.bundle.manifest import BundleManifest
+from edgefleet_core.bundle.selftest import ORT_TYPES, SelfTest, check_outputs, generate_inputs
+from edgefleet_core.errors import BundleError
+from edgefleet_core.optimize.runtime import CPU_EP, ORT_ERRORS
+
+log = logging.getLogger(__name__)
+
+MAX_LATENCY_SAMPLES: Final = 10_000
+"""Latencies kept per model version and window for the percentiles (the most recent ones)."""
+
+ModelState = Literal["loading", "ready", "degraded", "unavailable"]
+SelfTestReason = Literal["SelfTestOutputs", "SelfTestLatency", "SelfTestLoad"]
+Array = npt.NDArray[Any]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output: name, numpy dtype name (``None`` if not one we carry), shape (``None`` = dynamic)."""
+
+    name: str
+    dtype: str | None
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class ModelWindowStats:
+    """What one model version did since the previous :meth:`ModelRuntime.drain_windows`."""
+
+    model_namespace: str
+    model_name: str
+    version: str
+    slot: SlotName | None
+    inference_count: int
+    error_count: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    accelerator_fallback_count: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A served request: the version that ran it, the outputs asked for, and per-stage seconds."""
+
+    version: str
+    outputs: list[tuple[str, Array]]
+    timings: list[tuple[str, float]]
+    """(stage, seconds) in execution order: ``run`` or ``head`` and ``tail``, then ``total``."""
+
+
+@dataclass(frozen=True)
+class SelfTestFailure:
+    """Why a version's self-test failed."""
+
+    reason: SelfTestReason
+    message: str
+
+
+@dataclass(frozen=True)
+class ModelStatusView:
+    """What the runtime serves for one model (for GetModelStatus and `agent status`)."""
+
+    namespace: str
+    name: str
+    state: ModelState
+    active_version: str
+    active_slot: SlotName | None
+    previous_version: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    partition_plan_id: str
+    execution_providers: tuple[str, ...]
+
+
+def _tensor_infos(args: Sequence[Any]) -> tuple[TensorInfo, ...]:
+    return tuple(
+        TensorInfo(a.name, ORT_TYPES.get(a.type), tuple(d if isinstance(d, int) and d >= 0 else None for d in a.shape))
+        for a in args
+    )
+
+
+class LoadedModel:
+    """The sessions of one model version, ready to run (stateless: safe to share between threads)."""
+
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        version: str,
+        slot: SlotName | None,
+        manifest: BundleManifest | None,
+        stages: Sequence[tuple[str, Any]],
+        wanted_provider: str,
+    ) -> None:
+        self.namespace = namespace
+        self.name = name
+        self.version = version
+        self.slot = slot
+        self.manifest = manifest
+        self._stages = tuple(stages)
+        self.inputs = _tensor_infos(self._stages[0][1].get_inputs())
+        self.outputs = _tensor_infos(self._stages[-1][1].get_outputs())
+        self.execution_providers = tuple(str(session.get_providers()[0]) for _, session in self._stages)
+        self.degraded = any(p != wanted_provider for p in self.execution_providers)
+        """A stage runs on a fallback provider (e.g. CPU while a GPU was configured)."""
+
+    @property
+    def partition_plan_id(self) -> str:
+        """The partition plan's content id from the manifest, empty when unpartitioned."""
+        plan = self.manifest.partition_plan if self.manifest is not None else None
+        if not plan:
+            return ""
+        plan_id = plan.get("planId", plan.get("id", ""))
+        return plan_id if isinstance(plan_id, str) else ""
+
+    def validate(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> list[str]:
+        """Check inputs against the graph; the output names to return. :class:`InvalidTensors` names the problem."""
+        expected = {info.name: info for info in self.inputs}
+        unknown = sorted(set(inputs) - set(expected))
+        missing = sorted(set(expected) - set(inputs))
+        if unknown or missing:
+            raise InvalidTensors(
+                f"model {self.name} takes inputs {sorted(expected)}; unknown {unknown}, missing {missing}"
+            )
+        for name, value in inputs.items():
+            info = expected[name]
+            if info.dtype is None or value.dtype.name != info.dtype:
+                wanted_type = info.dtype or "a type the API does not carry"
+                raise InvalidTensors(f"input {name!r} is {value.dtype.name}; the model takes {wanted_type}")
+            if value.ndim != len(info.shape) or any(
+                want is not None and got != want for got, want in zip(value.shape, info.shape, strict=True)
+            ):
+                wanted = ["?" if d is None else d for d in info.shape]
+                raise InvalidTensors(f"input {name!r} has shape {list(value.shape)}; the model takes {wanted}")
+        all_outputs = [info.name for info in self.outputs]
+        if not output_names:
+            return all_outputs
+        unknown = sorted(set(output_names) - set(all_outputs))
+        if unknown:
+            raise InvalidTensors(f"model {self.name} has outputs {all_outputs}; unknown {unknown}")
+        if len(set(output_names)) != len(output_names):
+            raise InvalidTensors(f"output names repeat: {list(output_names)}")
+        return list(output_names)
+
+    def run(
+        self, inputs: Mapping[str, Array], output_names: Sequence[str]
+    ) -> tuple[dict[str, Array], list[tuple[str, float]]]:
+        """Run every stage in order on validated inputs; outputs by name and (stage, seconds)."""
+        values: dict[str, Array] = dict(inputs)
+        timings: list[tuple[str, float]] = []
+        partitioned = len(self._stages) > 1
+        for stage_name, session in self._stages:
+            names = [o.name for o in session.get_outputs()]
+            feed = {i.name: values[i.name] for i in session.get_inputs()}
+            started = time.perf_counter()
+            try:
+                results = session.run(names, feed)
+            except ORT_ERRORS as exc:
+                raise InferenceFailed(f"model {self.name} {self.version}, {stage_name}: {exc}") from None
+            timings.append((stage_name if partitioned else "run", time.perf_counter() - started))
+            values.update(zip(names, (np.asarray(r) for r in results), strict=True))
+        return {name: values[name] for name in output_names}, timings
+
+
+@dataclass
+class _Window:
+    slot: SlotName | None
+    count: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_LATENCY_SAMPLES))
+
+
+@dataclass
+class _Served:
+    active: LoadedModel | None = None
+    previous: LoadedModel | None = None
+    loading: bool = False
+
+
+def _percentile(samples: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples, dtype=np.float64), q)) if samples else 0.0
+
+
+class ModelRuntime:
+    """Every model this device serves, keyed by (namespace, name)."""
+
+    def __init__(self, providers: Sequence[str] = (CPU_EP,), *, intra_op_threads: int = 1) -> None:
+        if not providers:
+            raise ValueError("at least one execution provider is needed")
+        self.providers = tuple(providers)
+        self.intra_op_threads = intra_op_threads
+        self._lock = threading.Lock()
+        self._models: dict[tuple[str, str], _Served] = {}
+        self._windows: dict[tuple[str, str, str], _Window] = {}
+
+    # --- loading and swapping ------------------------------------------------------------------
+
+    def _session(self, data: bytes, what: str) -> Any:
+        available = set(ort.get_available_providers())
+        # The configured order, restricted to what this build has, with the CPU always last as a fallback.
+        chosen = [p for p in self.providers if p in available and p != CPU_EP] + [CPU_EP]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(data, sess_options=options, providers=chosen)
+        except ORT_ERRORS as exc:
+            raise ModelLoadError(f"{what}: ONNX Runtime cannot load it: {exc}") from None
+
+    def load(
+        self,
+        namespace: str,
+        name: str,
+        version: str,
+        files: Mapping[str, bytes],
+        *,
+        slot: SlotName | None = None,
+        manifest: BundleManifest | None = None,
+    ) -> LoadedModel:
+        """Sessions for one version's files (``model.onnx``, or ``head.onnx`` + ``tail.onnx``); not served yet."""
+        if set(files) == {"model.onnx"}:
+            order = ["model.onnx"]
+        elif set(files) == {"head.onnx", "tail.onnx"}:
+            order = ["head.onnx", "tail.onnx"]
+        else:
+            raise ModelLoadError(f"{namespace}/{name} {version}: {sorted(files)} is not a model, or a head and a tail")
+        with self._lock:
+            served = self._models.setdefault((namespace, name), _Served())
+            served.loading = True
+        try:
+            stages = [
+                (file.removesuffix(".onnx"), self._session(files[file], f"{namespace}/{name} {version} {file}"))
+                for file in order
+            ]
+            return LoadedModel(namespace, name, version, slot, manifest, stages, self.providers[0])
+        finally:
+            with self._lock:
+                served.loading = False
+
+    def self_test(self, model: LoadedModel, test: SelfTest | None) -> SelfTestFailure | None:
+        """Run the golden inputs, compare outputs, check the latency SLO; ``None`` when the version passes.
+
+        Without a self-test (older bundles) one inference on generated inputs must succeed.
+        """
+        try:
+            if test is None:
+                feed = generate_inputs([(i.name, _ort_type(i.dtype), i.shape) for i in model.inputs], seed=0)
+            else:
+                feed = test.input_arrays()
+            names = model.validate(feed, [])
+            outputs, _ = model.run(feed, names)  # also the warm-up before timing
+            problem = None if test is None else check_outputs(test, outputs)
+            if problem is not None:
+                return SelfTestFailure("SelfTestOutputs", problem)
+            if test is None or test.latency_slo_ms is None:
+                return None
+            latencies = []
+            for _ in range(test.runs):
+                started = time.perf_counter()
+                model.run(feed, names)
+                latencies.append((time.perf_counter() - started) * 1000)
+        except (InvalidTensors, BundleError) as exc:
+            return SelfTestFailure("SelfTestOutputs", f"golden inputs do not fit the model: {exc}")
+        except InferenceFailed as exc:
+            return SelfTestFailure("SelfTestOutputs", f"the model fails on the golden inputs: {exc}")
+        p95 = _percentile(latencies, 95)
+        if p95 <= test.latency_slo_ms:
+            return None
+        slo = test.latency_slo_ms
+        return SelfTestFailure("SelfTestLatency", f"p95 {p95:.3f} ms of {test.runs} runs is above the SLO of {slo} ms")
+
+    def activate(self, model: LoadedModel) -> None:
+        """Serve ``model`` from now on; the version it replaces stays loaded as the previous one."""
+        with self._lock:
+            served = self._models.setdefault((model.namespace, model.name), _Served())
+            if served.active is not None and served.active.version != model.version:
+                served.previous = served.active
+            if served.previous is not None and served.previous.version == model.version:
+                served.previous = None
+            served.active = model
+        log.info("[%s/%s] serving %s from slot %s", model.namespace, model.name, model.version, model.slot)
+
+    def set_previous(self, namespace: str, name: str, model: LoadedModel | None) -> None:
+        """Keep ``model`` loaded as the version requests may still pin (``None`` drops it)."""
+        with self._lock:
+            self._models.setdefault((namespace, name), _Served()).previous = model
+
+    def mark_unavailable(self, namespace: str, name: str) -> None:
+        """The model is held on this device but nothing of it can be served (no verified version)."""
+        with self._lock:
+            self._models[(namespace, name)] = _Served()
+
+    def unload(self, namespace: str, name: str) -> None:
+        """Stop serving the model; requests already running finish on their sessions."""
+        with self._lock:
+            self._models.pop((namespace, name), None)
+
+    def active(self, namespace: str, name: str) -> LoadedModel | None:
+        """The version serving now, if any."""
+        with self._lock:
+            served = self._models.get((namespace, name))
+            return served.active if served is not None else None
+
+    # --- serving -------------------------------------------------------------------------------
+
+    def _pick(self, namespace: str, name: str, version: str) -> LoadedModel:
+        with self._lock:
+            served = self._models.get((namespace, name))
+            if served is None:
+                raise UnknownModel(f"no model {name!r} on this device")
+            active, previous = served.active, served.previous
+        if active is None:
+            raise ModelNotReady(f"model {name!r} has no version ready to serve")
+        if not version or version == active.version:
+            return active
+        if previous is not None and previous.version == version:
+            return previous
+        held = [active.version] + ([previous.version] if previous is not None else [])
+        raise ModelNotReady(f"model {name!r} does not hold version {version!r}; it serves {held}")
+
+    def predict(
+        self,
+        name: str,
+        inputs: Mapping[str, Array],
+        output_names: Sequence[str] = (),
+        version: str = "",
+        *,
+        namespace: str,
+    ) -> Prediction:
+        """Serve one request on the active version (or the pinned one); typed errors for bad requests."""
+        started = time.perf_counter()
+        model = self._pick(namespace, name, version)
+        try:
+            names = model.validate(inputs, output_names)
+            outputs, timings = model.run(inputs, names)
+        except (InvalidTensors, InferenceFailed):
+            self._record(model, None)
+            raise
+        total = time.perf_counter() - started
+        self._record(model, total)
+        return Prediction(model.version, [(n, outputs[n]) for n in names], [*timings, ("total", total)])
+
+    def _record(self, model: LoadedModel, seconds: float | None) -> None:
+        key = (model.namespace, model.name, model.version)
+        with self._lock:
+            window = self._windows.get(key)
+            if window is None:
+                window = self._windows[key] = _Window(model.slot)
+            window.count += 1
+            if seconds is None:
+                window.errors += 1
+            else:
+                window.latencies_ms.append(seconds * 1000)
+            if model.degraded:
+                window.fallbacks += 1
+
+    # --- reporting -----------------------------------------------------------------------------
+
+    def drain_windows(self) -> list[ModelWindowStats]:
+        """Statistics since the last call: one entry per served model, and per other version that ran requests."""
+        with self._lock:
+            windows, self._windows = self._windows, {}
+            for (namespace, name), served in self._models.items():
+                if served.active is not None:
+                    windows.setdefault((namespace, name, served.active.version), _Window(served.active.slot))
+        stats = []
+        for (namespace, name, version), window in sorted(windows.items()):
+            samples = list(window.latencies_ms)
+            stats.append(
+                ModelWindowStats(
+                    model_namespace=namespace,
+                    model_name=name,
+                    version=version,
+                    slot=window.slot,
+                    inference_count=window.count,
+                    error_count=window.errors,
+                    latency_p50_ms=_percentile(samples, 50),
+                    latency_p95_ms=_percentile(samples, 95),
+                    latency_p99_ms=_percentile(samples, 99),
+                    accelerator_fallback_count=window.fallbacks,
+                )
+            )
+        return stats
+
+    def served(self) -> list[tuple[str, str, str, SlotName]]:
+        """(namespace, name, version, slot) of every active version that came from a slot."""
+        with self._lock:
+            return sorted(
+                (ns, name, s.active.version, s.active.slot)
+                for (ns, name), s in self._models.items()
+                if s.active is not None and s.active.slot is not None
+            )
+
+    def status(self, namespace: str, name: str = "") -> list[ModelStatusView]:
+        """What is served for ``name`` in ``namespace`` (every model of the namespace when empty)."""
+        with self._lock:
+            entries = sorted(
+                (key, _Served(s.active, s.previous, s.loading))
+                for key, s in self._models.items()
+                if key[0] == namespace and (not name or key[1] == name)
+            )
+        views = []
+        for (ns, model_name), served in entries:
+            active = served.active
+            state: ModelState
+            if active is None:
+                state = "loading" if served.loading else "unavailable"
+            else:
+                state = "degraded" if active.degraded else "ready"
+            views.append(
+                ModelStatusView(
+                    namespace=ns,
+                    name=model_name,
+                    state=state,
+                    active_version=active.version if active else "",
+                    active_slot=active.slot if active else None,
+                    previous_version=served.previous.version if served.previous else "",
+                    inputs=active.inputs if active else (),
+                    outputs=active.outputs if active else (),
+                    partition_plan_id=active.partition_plan_id if active else "",
+                    execution_providers=active.execution_providers if active else (),
+                )
+            )
+        return views
+
+
+def _ort_type(dtype: str | None) -> str:
+    """The ONNX Runtime type string of a numpy dtype name (an unknown one makes input generation refuse)."""
+    for ort_type, name in ORT_TYPES.items():
+        if name == dtype:
+            return ort_type
+    return "tensor(unsupported)"
