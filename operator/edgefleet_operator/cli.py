@@ -149,7 +149,11 @@ def assign(
         revision = 0
         for cls, names in sorted(groups.items()):
             # A bundle is built per device class, so each class gets its own paths (and revision).
-            bundle = resolve_bundle(artifacts, device_class=cls, namespace=namespace, model=model, version=version)
+            if action == "remove":  # nothing to fetch: the model may be long unpublished
+                paths, digest, length = [], "", 0
+            else:
+                bundle = resolve_bundle(artifacts, device_class=cls, namespace=namespace, model=model, version=version)
+                paths, digest, length = bundle.target_paths, bundle.bundle_sha256, bundle.bundle_length
             revision = fleet.assign(
                 namespace,
                 names,
@@ -157,9 +161,9 @@ def assign(
                 model_name=model,
                 version=version,
                 action=action,  # type: ignore[arg-type]  # checked above
-                target_paths=[] if action == "remove" else bundle.target_paths,
-                bundle_sha256=bundle.bundle_sha256,
-                bundle_length=0 if action == "remove" else bundle.bundle_length,
+                target_paths=paths,
+                bundle_sha256=digest,
+                bundle_length=length,
             )
     typer.echo(revision)
 

@@ -181,12 +181,21 @@ class AssignmentRecord(FleetRecord):
     action: Action
     target_paths: list[TargetPath]
     """TUF target paths: the bundle manifest first, then its payloads in manifest order."""
-    bundle_sha256: Sha256Hex
-    """sha256 of the manifest target's bytes."""
+    bundle_sha256: Sha256Hex | Literal[""]
+    """sha256 of the manifest target's bytes; empty for ``remove`` (nothing is fetched)."""
     bundle_length: Count
     """Sum of the signed lengths of every target in ``target_paths``."""
     delta_from_version: Version | None = None
     wave: WaveRef | None = None
+
+    @model_validator(mode="after")
+    def _bundle_matches_action(self) -> Self:
+        if self.action == "remove":
+            if self.target_paths or self.bundle_sha256 or self.bundle_length:
+                raise ValueError("a remove assignment names no bundle (no target paths, digest or length)")
+        elif not self.target_paths or not self.bundle_sha256:
+            raise ValueError(f"an {self.action} assignment needs the bundle's target paths and digest")
+        return self
 
 
 class DeviceAssignments(FleetRecord):

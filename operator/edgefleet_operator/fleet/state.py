@@ -365,6 +365,16 @@ class FleetState:
     def _health_key(self, record: DeviceHealthRecord) -> str:
         return self._key("health", record.device_class, f"{record.device_id}.json")
 
+    def read_device_health(self, device_class: str, device_id: str) -> DeviceHealthRecord | None:
+        """One device's health record, ``None`` if it has none yet."""
+        if not _SUBDOMAIN.fullmatch(device_class):
+            raise FleetInputError(f"device class {device_class!r} is not a DNS-1123 subdomain")
+        key = self._key("health", device_class, f"{device_id}.json")
+        record = self._read(key, DeviceHealthRecord)
+        if record is not None and key != self._health_key(record):
+            raise FleetRecordError(key, f"holds the health record of {record.device_class}/{record.device_id}")
+        return record
+
     def read_health(self, device_class: str | None = None) -> list[DeviceHealthRecord]:
         """Every device's health record (of one class), by class and device id."""
         if device_class is not None and not _SUBDOMAIN.fullmatch(device_class):

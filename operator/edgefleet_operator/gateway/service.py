@@ -560,6 +560,11 @@ class GatewayService:
             token = self._fleet.check_token(application.bootstrap_token)
             name = token.device_name or application.device_name  # a pinned name wins (fleet.proto)
             identity_id = device_id(token.namespace, name)
+            existing = self._fleet.get_device(token.namespace, name)
+            # A revoked device stays revoked: a fresh token (leaked, or issued by mistake) must not
+            # re-admit it. Checked before the token is spent. Re-admitting is a deliberate act.
+            if existing is not None and existing.revoked:
+                raise PermissionDenied(f"device {token.namespace}/{name} is revoked; it cannot enroll again")
             token = self._fleet.redeem_token(application.bootstrap_token, name, identity_id)
         except TokenRefused as e:
             logger.info("enrollment of %r refused: bootstrap token %s", application.device_name, e.reason)
@@ -801,10 +806,18 @@ class GatewayService:
         written = 0
         with self._write_lock:
             with self._health_lock:
-                unmerged = {e.identity.device_class for k in device_ids if (e := self._health.get(k)) and not e.merged}
+                unmerged = [
+                    (e.identity.device_class, k) for k in device_ids if (e := self._health.get(k)) and not e.merged
+                ]
             stored: dict[str, DeviceHealthRecord] = {}
-            for device_class in sorted(unmerged):
-                stored.update({r.device_id: r for r in self._fleet.read_health(device_class)})
+            if len(unmerged) > MERGE_BY_LISTING:
+                # After a restart many devices report at once: one listing per class beats a read each.
+                for device_class in sorted({c for c, _ in unmerged}):
+                    stored.update({r.device_id: r for r in self._fleet.read_health(device_class)})
+            else:
+                for device_class, key in unmerged:
+                    if (found := self._fleet.read_device_health(device_class, key)) is not None:
+                        stored[key] = found
             for key in device_ids:
                 with self._health_lock:
                     entry = self._health.get(key)
@@ -827,6 +840,10 @@ class GatewayService:
         """Devices whose latest health is not yet written (for tests and metrics)."""
         with self._health_lock:
             return sum(1 for entry in self._health.values() if entry.dirty)
+
+
+MERGE_BY_LISTING: Final = 32
+"""Above this many devices to merge in one flush, read their class's records by listing."""
 
 
 def check_watch(last_revision: int, installed: Iterable[InstalledModel]) -> list[InstalledModel]:

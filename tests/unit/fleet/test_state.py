@@ -306,6 +306,8 @@ def test_a_device_never_assigned_has_no_assignments(fleet: FleetState) -> None:
         (["cam-1"], {"bundle_length": -1}, "bundle_length"),
         (["cam-1"], {"target_paths": ["../escape"]}, "target_paths"),
         (["Cam_1"], {}, "device name"),
+        (["cam-1"], {"target_paths": []}, "needs the bundle"),
+        (["cam-1"], {"action": "remove"}, "names no bundle"),
     ],
 )
 def test_invalid_assignments_change_nothing(
@@ -492,3 +494,11 @@ def test_a_naive_clock_is_refused(store: LocalStore) -> None:
     fleet = FleetState(store, clock=lambda: datetime(2026, 3, 1))
     with pytest.raises(FleetInputError, match="naive"):
         fleet.create_token("factory", "cpu-small", ttl=timedelta(hours=1))
+
+
+def test_a_remove_names_no_bundle(fleet: FleetState) -> None:
+    _assign(fleet, ["cam-1"])
+    revision = fleet.assign("factory", ["cam-1"], model_namespace="factory", model_name="digits", version="1.0.0",
+                            action="remove", target_paths=[], bundle_sha256="", bundle_length=0)  # fmt: skip
+    record = fleet.assignments_for("factory", "cam-1").assignments["factory/digits"]
+    assert (record.revision, record.action, record.target_paths, record.bundle_sha256) == (revision, "remove", [], "")

@@ -241,6 +241,19 @@ def test_revocation_bites_within_the_cache_time(gw: Gateway) -> None:
         gw.service.cached_device(identity)
 
 
+def test_a_revoked_device_cannot_enroll_again_and_keeps_the_token_unspent(gw: Gateway) -> None:
+    gw.enroll()
+    gw.fleet.revoke_device("demo", "cam-1")
+    token = gw.token("cpu-small")
+    with pytest.raises(PermissionDenied, match="revoked"):
+        gw.service.enroll(gw.application(token, "cam-1"))
+    record = gw.fleet.get_device("demo", "cam-1")
+    assert record is not None and record.revoked
+    # The refused attempt did not spend the token: another device may still use it.
+    assert gw.fleet.check_token(token).uses_left == 1
+    gw.service.enroll(gw.application(token, "cam-2"))
+
+
 # -------------------------------------------------------------------------------------- artifacts
 
 
