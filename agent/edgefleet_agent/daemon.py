@@ -1,0 +1,639 @@
+"""The agent process: enroll once, serve the local inference API, and follow the gateway.
+
+Start-up: load the stored identity (or enroll with the bootstrap token), let the Updater recover
+(roll back unfinished trials, verify and load committed slots), start the local inference
+server, then run four concurrent loops until SIGTERM/SIGINT:
+
+* **watch** — WatchAssignments, resumed from the last applied revision, reconnecting with
+  jittered backoff; each assignment is handed to the worker;
+* **worker** — applies assignments one at a time in a thread (ngclient and ONNX Runtime are
+  synchronous); a newer revision for a model cancels the one in progress for it;
+* **heartbeat** — a HealthReport per window (the interval the gateway asks for);
+* **reports** — sends queued install reports until each is acknowledged.
+
+Serving never depends on the gateway: inference keeps running the last good version while every
+loop above is failing. An assignment counts as applied only once its report is on disk, and the
+revision the watch resumes from never passes one still outstanding (pending, running, or waiting
+for a download retry), so a restart redoes what was not finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from grpc import aio
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edgefleet_agent.assignments import AssignmentSpec, InstallResult
+from edgefleet_agent.connection import Backoff, BackoffPolicy, aio_secure_channel, rpc_status, secure_channel
+from edgefleet_agent.errors import AgentError
+from edgefleet_agent.fetcher import GrpcTufFetcher
+from edgefleet_agent.identity import (
+    DeviceIdentity,
+    EnrollmentError,
+    IdentityError,
+    IdentityStore,
+    enroll,
+    measure_hardware,
+)
+from edgefleet_agent.inference_server import start_inference_server
+from edgefleet_agent.reports import ReportQueue, assignment_spec, install_report, model_health
+from edgefleet_agent.runtime import ModelRuntime, ModelWindowStats
+from edgefleet_agent.system import DeviceStats, SystemSampler
+from edgefleet_agent.updater import Updater
+from edgefleet_core import __version__
+from edgefleet_core.atomic import write_file_atomic
+from edgefleet_core.optimize.runtime import available_providers
+from edgefleet_core.signing.client import TufClient
+from edgefleet_proto.v1 import fleet_pb2, fleet_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+AGENT_FILE = "agent.json"
+TRUSTED_ROOT = Path("tuf") / "trusted-root.json"
+TUF_METADATA = Path("tuf") / "metadata"
+CALL_TIMEOUT_S = 10.0
+STOP_GRACE_S = 10.0
+MAX_ROOT_BYTES = 1024 * 1024
+RETRYABLE_REASONS = frozenset({"DownloadFailed"})
+"""Install failures caused by the transport: the same revision is tried again after a backoff."""
+_REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+_T = TypeVar("_T")
+
+
+class AgentConfigError(AgentError):
+    """The agent cannot start with the settings it was given (not enrolled and no token, bad files)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings and the seams the daemon drives
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Everything ``edgefleet agent run`` was told, parsed once."""
+
+    state_dir: Path
+    """The agent's state folder (identity, TUF metadata, slots, reports)."""
+    gateway: str
+    """HOST:PORT of the gateway's fleet port (mTLS)."""
+    enroll_gateway: str
+    """HOST:PORT of the gateway's enrollment port (server-authenticated TLS)."""
+    gateway_ca: Path
+    """CA certificate (PEM) that authenticates the gateway during enrollment."""
+    tuf_root: Path
+    """Trusted TUF root metadata the device was provisioned with (copied into the state once)."""
+    name: str
+    """Requested device name (a DNS label); a token may pin another."""
+    token: str | None = field(default=None, repr=False)
+    """Bootstrap token; needed only until enrolled. A secret: never logged."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Labels for the device record."""
+    inference_listen: str = "127.0.0.1:0"
+    """HOST:PORT of the local inference API (port 0 picks a free one)."""
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    """ONNX Runtime execution providers to run models with, preferred first."""
+    heartbeat_interval: float | None = None
+    """Overrides the gateway's heartbeat hint (seconds); for tests and special devices."""
+    stop_grace: float = STOP_GRACE_S
+    """How long a graceful stop waits for an install in progress and for inference requests."""
+
+
+class UpdaterPort(Protocol):
+    """What the daemon needs of :class:`~edgefleet_agent.updater.Updater`."""
+
+    def recover(self) -> list[InstallResult]: ...
+    def apply(self, assignment: AssignmentSpec, cancelled: Callable[[], bool]) -> InstallResult: ...
+    def installed(self) -> list[tuple[str, str, str]]: ...
+
+
+class RuntimePort(Protocol):
+    """What the daemon needs of :class:`~edgefleet_agent.runtime.ModelRuntime`."""
+
+    def drain_windows(self) -> list[ModelWindowStats]: ...
+
+
+class StoppableServer(Protocol):
+    async def stop(self, grace: float | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Components:
+    """The device-side machinery the daemon drives: our seam for tests."""
+
+    updater: UpdaterPort
+    runtime: RuntimePort
+    start_inference: Callable[[], Awaitable[tuple[StoppableServer, int]]]
+    """Starts the local inference server; returns it and its bound port."""
+
+
+ComponentsFactory = Callable[[AgentSettings, DeviceIdentity, Callable[[], TufClient]], Components]
+
+
+def default_components(
+    settings: AgentSettings, identity: DeviceIdentity, tuf_client: Callable[[], TufClient]
+) -> Components:
+    """The real runtime, Updater and inference server."""
+    runtime = ModelRuntime(settings.providers)
+    updater = Updater(settings.state_dir, identity.device_class, runtime, tuf_client)
+
+    async def start() -> tuple[StoppableServer, int]:
+        return await start_inference_server(runtime, identity.namespace, settings.inference_listen)
+
+    return Components(updater=updater, runtime=runtime, start_inference=start)
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress that survives restarts
+
+
+class _AgentFile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    last_revision: int = 0
+
+
+class Progress:
+    """Which assignment revisions are done; persists the one the watch may resume after.
+
+    ``outstanding`` holds, per model, the revision accepted but not finished. The resume point is
+    the highest finished revision, but never at or past an outstanding one.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self._path = state_dir / AGENT_FILE
+        self.last_revision = self._load()
+        self._finished = self.last_revision
+        self.outstanding: dict[str, int] = {}
+        self.latest: dict[str, int] = {}
+        """Per model, the highest revision accepted in this process (duplicates are dropped)."""
+
+    def _load(self) -> int:
+        try:
+            return _AgentFile.model_validate_json(self._path.read_bytes()).last_revision
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValidationError) as e:
+            logger.warning("%s is unreadable (%s); resuming from revision 0", self._path, e)
+            return 0
+
+    def accept(self, spec: AssignmentSpec) -> bool:
+        """True for a revision not seen before (for its model, and after the resume point)."""
+        if spec.revision <= max(self.last_revision, self.latest.get(spec.model_key, 0)):
+            return False
+        self.latest[spec.model_key] = spec.revision
+        self.outstanding[spec.model_key] = spec.revision
+        return True
+
+    def finish(self, spec: AssignmentSpec) -> None:
+        """``spec`` is done (its report queued); persist the new resume point."""
+        if self.outstanding.get(spec.model_key) == spec.revision:
+            del self.outstanding[spec.model_key]
+        self._finished = max(self._finished, spec.revision)
+        resume = self._finished
+        if self.outstanding:
+            resume = min(resume, min(self.outstanding.values()) - 1)
+        if resume > self.last_revision:
+            self.last_revision = resume
+            write_file_atomic(self._path, json.dumps({"last_revision": resume}).encode() + b"\n")
+
+
+@dataclass
+class _Job:
+    spec: AssignmentSpec
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+# ------------------------------------------------------------------------------------------------
+# The agent
+
+
+class Agent:
+    """One device agent. ``await run()`` until :meth:`stop` (or a signal, with ``handle_signals``)."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        components: ComponentsFactory = default_components,
+        backoff_rand: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._components_factory = components
+        self._backoff_rand = backoff_rand
+        self._stopping = asyncio.Event()
+        self._halt = threading.Event()  # seen by worker threads: stop downloading, stop installing
+        self._reports = ReportQueue(settings.state_dir)
+        self._progress = Progress(settings.state_dir)
+        self._pending: dict[str, AssignmentSpec] = {}
+        self._current: _Job | None = None
+        self._work = asyncio.Event()
+        self._reports_ready = asyncio.Event()
+        self._retry_backoff: dict[str, Backoff] = {}
+        self.identity: DeviceIdentity | None = None
+        self.inference_port: int | None = None
+
+    # --- public ------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin a graceful stop (call from the event loop's thread)."""
+        self._halt.set()
+        self._stopping.set()
+        self._work.set()  # an idle worker wakes up and sees the halt
+
+    @property
+    def last_revision(self) -> int:
+        return self._progress.last_revision
+
+    async def run(self, on_ready: Callable[[str, str], None] | None = None, *, handle_signals: bool = False) -> None:
+        """Run until stopped. ``on_ready(device_id, inference_address)`` once serving and enrolled.
+
+        :class:`AgentConfigError`, :class:`EnrollmentError` (refused) or :class:`IdentityError`
+        when the agent cannot start.
+        """
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        sync_channel: grpc.Channel | None = None
+        channel: aio.Channel | None = None
+        server: StoppableServer | None = None
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            identity = await self._until_stopped(self._obtain_identity())
+            if identity is None:
+                return
+            self.identity = identity
+            policy = BackoffPolicy(identity.hints.reconnect_backoff_initial, identity.hints.reconnect_backoff_max)
+            trusted_root = self._trusted_root()
+            sync_channel = secure_channel(self.settings.gateway, identity.credentials)
+            parts = self._components_factory(
+                self.settings, identity, self._tuf_factory(sync_channel, trusted_root, policy)
+            )
+            for result in await asyncio.to_thread(parts.updater.recover):
+                self._queue_report(result)
+            server, self.inference_port = await parts.start_inference()
+            host = self.settings.inference_listen.rpartition(":")[0] or "127.0.0.1"
+            channel = aio_secure_channel(self.settings.gateway, identity.credentials)
+            stub = fleet_pb2_grpc.FleetGatewayStub(channel)
+            tasks = [
+                asyncio.create_task(self._watch(stub, parts.updater, policy), name="watch"),
+                asyncio.create_task(self._worker(parts.updater, policy), name="worker"),
+                asyncio.create_task(self._heartbeat(stub, parts.runtime, identity), name="heartbeat"),
+                asyncio.create_task(self._send_reports(stub, policy), name="reports"),
+            ]
+            logger.info("agent %s serving inference on %s:%d", identity.device_id, host, self.inference_port)
+            if on_ready is not None:
+                on_ready(identity.device_id, f"{host}:{self.inference_port}")
+            stopped = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            for task in done:
+                crash = None if task is stopped or task.cancelled() else task.exception()
+                if crash is not None:
+                    raise crash  # a loop died: a bug; surface it rather than run half an agent
+        finally:
+            self._halt.set()
+            await self._shutdown(tasks, sync_channel, channel, server)
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    # --- start-up ----------------------------------------------------------------------------------
+
+    async def _until_stopped(self, work: Coroutine[Any, Any, _T]) -> _T | None:
+        """``work``'s result, or ``None`` if a stop came first (``work`` is then cancelled)."""
+        task = asyncio.create_task(work)
+        stopped = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+
+    async def _obtain_identity(self) -> DeviceIdentity:
+        store = IdentityStore(self.settings.state_dir)
+        try:
+            identity = store.load()
+        except IdentityError as e:
+            if self.settings.token is None:
+                raise
+            logger.warning("%s; enrolling again with the token given", e)
+            identity = None
+        if identity is not None:
+            if identity.not_after <= datetime.now(UTC):
+                logger.warning("the device certificate expired at %s; the gateway will refuse it", identity.not_after)
+            return identity
+        if self.settings.token is None:
+            raise AgentConfigError(f"{self.settings.state_dir} holds no identity yet: give --token or --token-file")
+        try:
+            gateway_ca = self.settings.gateway_ca.read_bytes()
+        except OSError as e:
+            raise AgentConfigError(f"cannot read the gateway CA {self.settings.gateway_ca}: {e.strerror}") from e
+        hardware = await asyncio.to_thread(measure_hardware, self.settings.state_dir, available_providers())
+        backoff = self._backoff(BackoffPolicy())
+        while True:
+            try:
+                return await asyncio.to_thread(
+                    enroll,
+                    self.settings.state_dir,
+                    target=self.settings.enroll_gateway,
+                    gateway_ca_pem=gateway_ca,
+                    token=self.settings.token,
+                    name=self.settings.name,
+                    labels=self.settings.labels,
+                    hardware=hardware,
+                    agent_version=__version__,
+                )
+            except EnrollmentError as e:
+                if not e.retryable:
+                    raise
+                delay = await backoff.wait_async()
+                logger.warning("%s; retrying (waited %.1f s)", e, delay)
+
+    def _trusted_root(self) -> bytes:
+        """The provisioned TUF root: copied into the state on first start, the state's copy after."""
+        stored = self.settings.state_dir / TRUSTED_ROOT
+        try:
+            if stored.is_file():
+                return stored.read_bytes()
+            if self.settings.tuf_root.stat().st_size > MAX_ROOT_BYTES:
+                raise AgentConfigError(f"{self.settings.tuf_root} is over {MAX_ROOT_BYTES} bytes: not a TUF root")
+            data = self.settings.tuf_root.read_bytes()
+        except OSError as e:
+            raise AgentConfigError(f"cannot read the trusted TUF root: {e}") from e
+        write_file_atomic(stored, data)
+        return data
+
+    def _tuf_factory(
+        self, channel: grpc.Channel, trusted_root: bytes, policy: BackoffPolicy
+    ) -> Callable[[], TufClient]:
+        def stop_fetching() -> bool:
+            job = self._current
+            return self._halt.is_set() or (job is not None and job.cancel.is_set())
+
+        def tuf_client() -> TufClient:
+            fetcher = GrpcTufFetcher(
+                channel, self.settings.state_dir, backoff=policy, stop=stop_fetching, sleep=self._halt.wait
+            )
+            return TufClient(fetcher, trusted_root, self.settings.state_dir / TUF_METADATA)
+
+        return tuf_client
+
+    def _backoff(self, policy: BackoffPolicy) -> Backoff:
+        return Backoff(policy) if self._backoff_rand is None else Backoff(policy, rand=self._backoff_rand)
+
+    # --- watch ---------------------------------------------------------------------------------
+
+    async def _watch(
+        self, stub: fleet_pb2_grpc.FleetGatewayAsyncStub, updater: UpdaterPort, policy: BackoffPolicy
+    ) -> None:
+        backoff = self._backoff(policy)
+        loop = asyncio.get_running_loop()
+        while True:
+            installed = await asyncio.to_thread(updater.installed)
+            request = fleet_pb2.WatchAssignmentsRequest(
+                last_revision=self._progress.last_revision,
+                installed=[
+                    fleet_pb2.InstalledModel(model_namespace=ns, model_name=n, version=v) for ns, n, v in installed
+                ],
+            )
+            started = loop.time()
+            call = stub.WatchAssignments(request)
+            try:
+                async for message in call:
+                    backoff.reset()
+                    spec = assignment_spec(message)
+                    if spec is not None:
+                        self._offer(spec)
+                logger.info("the gateway ended the assignment stream; reconnecting")
+            except aio.AioRpcError as e:
+                code, details = rpc_status(e)
+                level = logging.ERROR if code in _REFUSED else logging.INFO
+                logger.log(level, "assignment stream: %s: %s; still serving, reconnecting", code.name, details)
+            finally:
+                call.cancel()
+            if loop.time() - started > policy.maximum:
+                backoff.reset()  # it ran a good while: treat it as a fresh failure
+            await backoff.wait_async()
+
+    def _offer(self, spec: AssignmentSpec) -> None:
+        if not self._progress.accept(spec):
+            logger.debug("revision %d for %s already seen", spec.revision, spec.model_key)
+            return
+        replaced = self._pending.get(spec.model_key)
+        if replaced is not None:
+            logger.info(
+                "[%s] revision %d supersedes %d before it started", spec.model_key, spec.revision, replaced.revision
+            )
+        self._pending[spec.model_key] = spec
+        job = self._current
+        if job is not None and job.spec.model_key == spec.model_key and job.spec.revision < spec.revision:
+            logger.info("[%s] revision %d supersedes %d in progress", spec.model_key, spec.revision, job.spec.revision)
+            job.cancel.set()
+        self._work.set()
+
+    # --- worker --------------------------------------------------------------------------------
+
+    async def _worker(self, updater: UpdaterPort, policy: BackoffPolicy) -> None:
+        while not self._halt.is_set():
+            await self._work.wait()
+            self._work.clear()
+            while self._pending and not self._halt.is_set():
+                key, spec = min(self._pending.items(), key=lambda item: item[1].revision)
+                del self._pending[key]
+                job = _Job(spec)
+                self._current = job
+                try:
+                    result = await _in_thread(updater.apply, spec, self._cancelled(job))
+                finally:
+                    self._current = None
+                if self._halt.is_set():
+                    return  # stopping: not applied; the gateway resends it after the restart
+                self._queue_report(result)
+                if (
+                    result.outcome == "failed"
+                    and result.reason in RETRYABLE_REASONS
+                    and spec.model_key not in self._pending
+                ):
+                    self._retry_later(spec, policy)
+                    continue
+                self._retry_backoff.pop(spec.model_key, None)
+                self._progress.finish(spec)
+
+    def _cancelled(self, job: _Job) -> Callable[[], bool]:
+        return lambda: job.cancel.is_set() or self._halt.is_set()
+
+    def _retry_later(self, spec: AssignmentSpec, policy: BackoffPolicy) -> None:
+        backoff = self._retry_backoff.setdefault(spec.model_key, self._backoff(policy))
+        delay = backoff.next_delay()
+        logger.info("[%s] revision %d will be retried in %.1f s", spec.model_key, spec.revision, delay)
+
+        def retry() -> None:
+            if self._progress.latest.get(spec.model_key) == spec.revision and spec.model_key not in self._pending:
+                self._pending[spec.model_key] = spec
+                self._work.set()
+
+        asyncio.get_running_loop().call_later(delay, retry)
+
+    def _queue_report(self, result: InstallResult) -> None:
+        self._reports.put(result)
+        self._reports_ready.set()
+        seconds = result.durations.get("total", 0.0)
+        level = logging.INFO if result.outcome == "succeeded" else logging.WARNING
+        logger.log(
+            level,
+            "[%s/%s] revision %d %s -> %s: %s (%s) in %.2f s%s",
+            result.model_namespace,
+            result.model_name,
+            result.revision,
+            result.from_version or "-",
+            result.to_version or "-",
+            result.outcome,
+            result.reason,
+            seconds,
+            f" at {result.failed_phase}: {result.message}" if result.failed_phase else "",
+        )
+
+    # --- heartbeat -----------------------------------------------------------------------------
+
+    async def _heartbeat(
+        self, stub: fleet_pb2_grpc.FleetGatewayAsyncStub, runtime: RuntimePort, identity: DeviceIdentity
+    ) -> None:
+        interval = self.settings.heartbeat_interval or identity.hints.heartbeat_interval
+        sampler = SystemSampler(self.settings.state_dir)
+        window_start = datetime.now(UTC)
+        failing = False
+        while True:
+            await asyncio.sleep(interval)
+            stats = await asyncio.to_thread(sampler.sample)
+            windows = runtime.drain_windows()
+            now = datetime.now(UTC)
+            report = health_report(window_start, now, stats_models=windows, stats=stats)
+            window_start = now
+            try:
+                ack = await stub.ReportHealth(report, timeout=min(interval, CALL_TIMEOUT_S))
+            except aio.AioRpcError as e:
+                # A lost report is not resent (fleet.proto): the next window covers only its own time.
+                code, details = rpc_status(e)
+                logger.log(logging.DEBUG if failing else logging.WARNING, "health report: %s: %s", code.name, details)
+                failing = True
+                continue
+            failing = False
+            if ack.HasField("next_interval") and self.settings.heartbeat_interval is None:
+                interval = max(1.0, ack.next_interval.ToTimedelta().total_seconds())
+
+    # --- install reports -----------------------------------------------------------------------
+
+    async def _send_reports(self, stub: fleet_pb2_grpc.FleetGatewayAsyncStub, policy: BackoffPolicy) -> None:
+        backoff = self._backoff(policy)
+        while True:
+            self._reports_ready.clear()
+            failed = False
+            for result in await asyncio.to_thread(self._reports.pending):
+                try:
+                    await stub.ReportInstall(install_report(result), timeout=CALL_TIMEOUT_S)
+                except aio.AioRpcError as e:
+                    code, details = rpc_status(e)
+                    if code == grpc.StatusCode.INVALID_ARGUMENT:
+                        # Retrying cannot help; keeping it would block every later report.
+                        logger.error("the gateway refused install report %s: %s; dropping it", result.revision, details)
+                        self._reports.ack(result)
+                        continue
+                    logger.info("install report %d not delivered: %s: %s", result.revision, code.name, details)
+                    failed = True
+                    break
+                self._reports.ack(result)
+                backoff.reset()
+            if failed:
+                await backoff.wait_async()
+            else:
+                await self._reports_ready.wait()
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    async def _shutdown(
+        self,
+        tasks: list[asyncio.Task[None]],
+        sync_channel: grpc.Channel | None,
+        channel: aio.Channel | None,
+        server: StoppableServer | None,
+    ) -> None:
+        worker = next((t for t in tasks if t.get_name() == "worker"), None)
+        others = [t for t in tasks if t is not worker]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        if sync_channel is not None:
+            sync_channel.close()  # ends a download in progress at once; the partial file stays
+        if worker is not None:
+            try:
+                await asyncio.wait_for(worker, self.settings.stop_grace)
+            except TimeoutError:
+                logger.warning("an install did not stop within %.1f s; leaving it", self.settings.stop_grace)
+            except asyncio.CancelledError:
+                pass
+        if server is not None:
+            await server.stop(self.settings.stop_grace)
+        if channel is not None:
+            await channel.close()
+        logger.info("agent stopped")
+
+
+def health_report(
+    window_start: datetime, window_end: datetime, *, stats_models: list[ModelWindowStats], stats: DeviceStats
+) -> fleet_pb2.HealthReport:
+    """The HealthReport for one window: device figures and one entry per served model."""
+    report = fleet_pb2.HealthReport(
+        cpu_percent=stats.cpu_percent,
+        memory_used_bytes=stats.memory_used_bytes,
+        memory_total_bytes=stats.memory_total_bytes,
+        disk_used_bytes=stats.disk_used_bytes,
+        disk_total_bytes=stats.disk_total_bytes,
+        models=[model_health(m) for m in stats_models],
+    )
+    report.window_start.FromDatetime(window_start)
+    report.window.FromTimedelta(max(window_end - window_start, timedelta(milliseconds=1)))
+    if stats.energy_joules is not None:
+        report.energy_joules = stats.energy_joules
+    return report
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run ``fn`` in a daemon thread: unlike ``asyncio.to_thread`` an install that does not stop
+    in time cannot hold the process at exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def deliver(set_outcome: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed while we ran
+            loop.call_soon_threadsafe(lambda: None if future.done() else set_outcome())
+
+    def target() -> None:
+        try:
+            value = fn(*args)
+        except BaseException as e:  # noqa: BLE001  # handed to the awaiting coroutine, not swallowed
+            error = e
+            deliver(lambda: future.set_exception(error))
+        else:
+            deliver(lambda: future.set_result(value))
+
+    threading.Thread(target=target, name="edgefleet-install", daemon=True).start()
+    return await future

@@ -1,0 +1,326 @@
+"""The agent daemon against a FleetGateway double over real mTLS, with the Updater faked at its seam."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from typer.testing import CliRunner
+
+from edgefleet_agent.assignments import AssignmentSpec, InstallResult
+from edgefleet_agent.cli import app
+from edgefleet_agent.daemon import Agent, AgentConfigError, AgentSettings, Components, StoppableServer
+from edgefleet_agent.identity import DeviceIdentity, EnrollmentError
+from edgefleet_agent.runtime import ModelWindowStats
+from edgefleet_core.signing.client import TufClient
+from edgefleet_proto.v1 import fleet_pb2
+from tests.unit.agent.fake_gateway import TOKEN, FakeGateway, FleetPki, RunningGateway, start_gateway
+
+SHA = "cd" * 32
+
+
+@dataclass
+class FakeUpdater:
+    applied: list[AssignmentSpec] = field(default_factory=list)
+    results: list[InstallResult] = field(default_factory=list)
+    hold: set[int] = field(default_factory=set)
+    """Revisions whose apply waits until cancelled."""
+    outcomes: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    """Per revision, (outcome, reason) of successive attempts; default succeeded."""
+    active: dict[tuple[str, str], str] = field(default_factory=dict)
+    recovered: list[InstallResult] = field(default_factory=list)
+
+    def recover(self) -> list[InstallResult]:
+        return self.recovered
+
+    def apply(self, assignment: AssignmentSpec, cancelled: Callable[[], bool]) -> InstallResult:
+        self.applied.append(assignment)
+        outcome, reason = "succeeded", "Installed"
+        if assignment.revision in self.hold:
+            while not cancelled():
+                threading.Event().wait(0.01)
+            outcome, reason = "failed", "Superseded"
+        elif self.outcomes.get(assignment.revision):
+            outcome, reason = self.outcomes[assignment.revision].pop(0)
+        if outcome == "succeeded":
+            self.active[(assignment.model_namespace, assignment.model_name)] = assignment.version
+        result = InstallResult(
+            revision=assignment.revision,
+            model_namespace=assignment.model_namespace,
+            model_name=assignment.model_name,
+            from_version="",
+            to_version=assignment.version,
+            outcome=outcome,  # type: ignore[arg-type]
+            reason=reason,
+            message="",
+            failed_phase=None if outcome == "succeeded" else "download",
+            durations={"total": 0.01},
+            active_slot="a",
+            finished_at=datetime.now(UTC),
+        )
+        self.results.append(result)
+        return result
+
+    def installed(self) -> list[tuple[str, str, str]]:
+        return [(ns, name, version) for (ns, name), version in sorted(self.active.items())]
+
+
+class FakeRuntime:
+    def drain_windows(self) -> list[ModelWindowStats]:
+        return [ModelWindowStats("vision", "digits", "1.0.0", "a", 5, 0, 1.0, 2.0, 3.0, 0)]
+
+
+class FakeServer:
+    stopped = False
+
+    async def stop(self, grace: float | None) -> None:
+        self.stopped = True
+
+
+@dataclass
+class World:
+    running: RunningGateway
+    settings: AgentSettings
+    updater: FakeUpdater
+    server: FakeServer
+
+    def agent(self, **overrides: object) -> Agent:
+        settings = AgentSettings(**{**self.settings.__dict__, **overrides})
+
+        def components(s: AgentSettings, identity: DeviceIdentity, tuf: Callable[[], TufClient]) -> Components:
+            async def start() -> tuple[StoppableServer, int]:
+                return self.server, 50051
+
+            return Components(updater=self.updater, runtime=FakeRuntime(), start_inference=start)
+
+        return Agent(settings, components=components, backoff_rand=lambda: 0.0)
+
+
+@pytest.fixture(scope="module")
+def pki() -> FleetPki:
+    return FleetPki()
+
+
+@pytest_asyncio.fixture
+async def world(pki: FleetPki, tmp_path: Path) -> AsyncIterator[World]:
+    running = await start_gateway(FakeGateway(pki))
+    (tmp_path / "ca.pem").write_bytes(pki.ca_pem)
+    (tmp_path / "root.json").write_bytes(b'{"signed": "a root"}')
+    settings = AgentSettings(
+        state_dir=tmp_path / "state",
+        gateway=running.fleet,
+        enroll_gateway=running.enroll,
+        gateway_ca=tmp_path / "ca.pem",
+        tuf_root=tmp_path / "root.json",
+        name="dev-1",
+        token=TOKEN,
+        heartbeat_interval=0.05,
+        stop_grace=2.0,
+    )
+    yield World(running, settings, FakeUpdater(), FakeServer())
+    await running.server.stop(None)
+
+
+async def until(condition: Callable[[], object], timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def started(agent: Agent) -> tuple[asyncio.Task[None], list[tuple[str, str]]]:
+    ready: list[tuple[str, str]] = []
+    task = asyncio.create_task(agent.run(lambda device, address: ready.append((device, address))))
+    await until(lambda: ready or task.done())
+    if task.done():
+        task.result()
+    return task, ready
+
+
+async def stopped(agent: Agent, task: Awaitable[None]) -> None:
+    agent.stop()
+    await asyncio.wait_for(task, 20)
+
+
+def _assignment(revision: int, version: str = "1.0.0", model: str = "digits", action: int = 1) -> fleet_pb2.Assignment:
+    return fleet_pb2.Assignment(
+        revision=revision,
+        model_namespace="vision",
+        model_name=model,
+        version=version,
+        action=action,  # type: ignore[arg-type]
+        target_paths=[f"cpu-small/vision/{model}/{version}/manifest.json"],
+        bundle_sha256=SHA,
+        bundle_length=10,
+    )
+
+
+def _last_revision(world: World) -> int:
+    path = world.settings.state_dir / "agent.json"
+    return int(json.loads(path.read_text())["last_revision"]) if path.exists() else 0
+
+
+@pytest.mark.asyncio
+async def test_enroll_apply_report_and_heartbeat(world: World) -> None:
+    agent = world.agent()
+    task, ready = await started(agent)
+    assert ready == [("default.dev-1", "127.0.0.1:50051")]
+    gateway = world.running.gateway
+    assert len(gateway.enrolls) == 1
+    gateway.push(_assignment(1))
+    await until(lambda: gateway.installs)
+    assert gateway.installs[0].assignment_revision == 1
+    assert gateway.installs[0].outcome == fleet_pb2.INSTALL_OUTCOME_SUCCEEDED
+    await until(lambda: _last_revision(world) == 1)
+    await until(lambda: not list((world.settings.state_dir / "reports").glob("*.json")))
+    await until(lambda: gateway.health)
+    assert gateway.health[0].models[0].inference_count == 5
+    assert gateway.health[0].window.ToTimedelta().total_seconds() > 0
+    await stopped(agent, task)
+    assert world.server.stopped
+
+
+@pytest.mark.asyncio
+async def test_a_restart_resumes_from_the_last_applied_revision_without_enrolling(world: World) -> None:
+    agent = world.agent()
+    task, _ = await started(agent)
+    world.running.gateway.push(_assignment(4))
+    await until(lambda: _last_revision(world) == 4)
+    await stopped(agent, task)
+
+    again = world.agent(token=None)
+    task, ready = await started(again)
+    gateway = world.running.gateway
+    await until(lambda: len(gateway.watches) == 2)
+    assert len(gateway.enrolls) == 1
+    assert ready[0][0] == "default.dev-1"
+    assert gateway.watches[1].last_revision == 4
+    assert [(m.model_name, m.version) for m in gateway.watches[1].installed] == [("digits", "1.0.0")]
+    gateway.push(_assignment(5, "1.1.0"))
+    await until(lambda: _last_revision(world) == 5)
+    assert [a.revision for a in world.updater.applied] == [4, 5]
+    await stopped(again, task)
+
+
+@pytest.mark.asyncio
+async def test_a_newer_revision_cancels_the_install_in_progress(world: World) -> None:
+    world.updater.hold.add(1)
+    agent = world.agent()
+    task, _ = await started(agent)
+    gateway = world.running.gateway
+    gateway.push(_assignment(1, "1.0.0"))
+    await until(lambda: world.updater.applied)
+    gateway.push(_assignment(2, "2.0.0"))
+    await until(lambda: _last_revision(world) == 2)
+    await until(lambda: len(gateway.installs) == 2)
+    assert [(r.assignment_revision, r.reason) for r in gateway.installs] == [(1, "Superseded"), (2, "Installed")]
+    await stopped(agent, task)
+
+
+@pytest.mark.asyncio
+async def test_a_transport_failure_is_retried_and_the_resume_point_waits_for_it(world: World) -> None:
+    world.updater.outcomes[1] = [("failed", "DownloadFailed")]
+    agent = world.agent()
+    task, _ = await started(agent)
+    gateway = world.running.gateway
+    gateway.push(_assignment(1))
+    gateway.push(_assignment(2, model="other"))
+    await until(lambda: sorted(a.revision for a in world.updater.applied) == [1, 1, 2])
+    await until(lambda: _last_revision(world) == 2)
+    await until(
+        lambda: {(r.assignment_revision, r.reason) for r in gateway.installs} >= {(1, "Installed"), (2, "Installed")}
+    )
+    await stopped(agent, task)
+
+
+@pytest.mark.asyncio
+async def test_reports_wait_out_an_unavailable_gateway(world: World) -> None:
+    world.running.gateway.faults.report_install_failures = 2
+    world.updater.recovered = [
+        InstallResult(
+            9,
+            "vision",
+            "digits",
+            "1.1.0",
+            "1.1.0",
+            "rolled_back",
+            "CrashLoop",
+            "",
+            "self_test",
+            {},
+            "a",
+            datetime.now(UTC),
+        )
+    ]
+    agent = world.agent()
+    task, _ = await started(agent)
+    await until(lambda: world.running.gateway.installs)
+    assert world.running.gateway.installs[0].reason == "CrashLoop"
+    await stopped(agent, task)
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_assignment_is_skipped_and_the_next_one_applied(world: World) -> None:
+    agent = world.agent()
+    task, _ = await started(agent)
+    gateway = world.running.gateway
+    gateway.push(_assignment(1, action=0))
+    gateway.push(
+        fleet_pb2.Assignment(
+            revision=2, model_namespace="vision", model_name="digits", action=fleet_pb2.ASSIGNMENT_ACTION_INSTALL
+        )
+    )
+    gateway.push(_assignment(3))
+    await until(lambda: _last_revision(world) == 3)
+    assert [a.revision for a in world.updater.applied] == [3]
+    await stopped(agent, task)
+
+
+@pytest.mark.asyncio
+async def test_the_agent_keeps_serving_while_the_gateway_is_down(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = world.agent()
+    task, _ = await started(agent)
+    await world.running.server.stop(None)
+    await until(lambda: "health report: UNAVAILABLE" in caplog.text)
+    assert not task.done()
+    assert not world.server.stopped
+    await stopped(agent, task)
+
+
+@pytest.mark.asyncio
+async def test_starting_without_identity_or_token_is_a_clear_error(world: World) -> None:
+    with pytest.raises(AgentConfigError, match="--token"):
+        await world.agent(token=None).run()
+
+
+@pytest.mark.asyncio
+async def test_a_refused_token_stops_the_agent(world: World) -> None:
+    with pytest.raises(EnrollmentError, match="UNAUTHENTICATED"):
+        await world.agent(token="eft1.wrong.wrong").run()
+
+
+def test_status_of_an_empty_state_folder(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["status", "--state", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"identity": None, "last_revision": 0, "models": [], "pending_reports": []}
+    assert "not enrolled" in CliRunner().invoke(app, ["status", "--state", str(tmp_path)]).output
+
+
+def test_run_without_identity_or_token_exits_with_a_clear_error(world: World) -> None:
+    s = world.settings
+    args = ["run", "--state", str(s.state_dir), "--gateway", s.gateway, "--enroll-gateway", s.enroll_gateway]
+    args += ["--gateway-ca", str(s.gateway_ca), "--tuf-root", str(s.tuf_root), "--name", "dev-1", "--label", "a=b"]
+    result = CliRunner().invoke(app, args, env={"EDGEFLEET_AGENT_TOKEN": ""})
+    assert result.exit_code == 1
+    assert "--token" in result.output
+    assert CliRunner().invoke(app, [*args, "--label", "nonsense"]).exit_code == 2
