@@ -55,8 +55,11 @@ DEFAULT_MAX_ATTEMPTS = 5
 
 _METADATA_NAME = re.compile(r"^(?:(?P<version>[1-9][0-9]{0,19})\.)?(?P<role>.+)\.json$")
 _DIGEST_PREFIX = re.compile(r"^(?P<sha256>[0-9a-f]{64})\.")
+# UNKNOWN is how grpc reports a transport torn down mid-stream (e.g. "Stream removed" after a TLS
+# record failed its MAC check on a corrupted byte); the gateway never answers UNKNOWN on purpose.
 _RESUMABLE_CODES = frozenset(
     {
+        grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.CANCELLED,
         grpc.StatusCode.ABORTED,

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,9 +31,14 @@ _GATEWAY_READY = re.compile(r"gateway listening fleet=(\S+):(\d+) enroll=(\S+):(
 _AGENT_READY = re.compile(r"agent ready device=(\S+) inference=(\S+)")
 
 
+_CLI_LOCK = threading.Lock()
+"""CliRunner swaps sys.stdout/stderr for the whole process: one in-process command at a time."""
+
+
 def cli(*args: str) -> str:
     """Run an ``edgefleet`` command in this process (fast); its output, or a failed assertion with it."""
-    result = CliRunner().invoke(build_app(), list(args))
+    with _CLI_LOCK:
+        result = CliRunner().invoke(build_app(), list(args))
     output = result.stdout + result.stderr
     assert result.exit_code == 0, f"edgefleet {' '.join(args)} → {result.exit_code}\n{output}"
     return result.stdout

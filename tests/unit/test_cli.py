@@ -206,6 +206,8 @@ def test_bench_commands_from_entry_points_join_the_bench_group() -> None:
     app = typer.Typer()
     app.add_typer(bench_cmd.build_app([("fake", fake), ("ghost", stand_in)]), name="bench")
     result = runner.invoke(app, ["bench", "fake"])
-    assert result.exit_code == 0 and "fake bench ran" in result.stdout
+    assert result.exit_code == 0
+    assert "fake bench ran" in result.stdout
     result = runner.invoke(app, ["bench", "ghost"])
-    assert result.exit_code == 3 and "cannot import ghost" in result.stderr
+    assert result.exit_code == 3
+    assert "cannot import ghost" in result.stderr

@@ -248,7 +248,8 @@ def test_a_revoked_device_cannot_enroll_again_and_keeps_the_token_unspent(gw: Ga
     with pytest.raises(PermissionDenied, match="revoked"):
         gw.service.enroll(gw.application(token, "cam-1"))
     record = gw.fleet.get_device("demo", "cam-1")
-    assert record is not None and record.revoked
+    assert record is not None
+    assert record.revoked
     # The refused attempt did not spend the token: another device may still use it.
     assert gw.fleet.check_token(token).uses_left == 1
     gw.service.enroll(gw.application(token, "cam-2"))
@@ -430,3 +431,14 @@ def test_install_reports_are_validated(gw: Gateway, changes: dict[str, Any], fie
     with pytest.raises(InvalidArgument) as caught:
         gw.service.report_install(identity, _install(**changes))
     assert caught.value.field == field
+
+
+def test_a_real_cpus_feature_list_is_accepted_and_an_abusive_one_refused(gw: Gateway) -> None:
+    # x86 servers list 100-250 flags in /proc/cpuinfo; the agent sends them all.
+    many = tuple(f"flag{i}" for i in range(250))
+    gw.service.enroll(gw.application(gw.token(), "cam-1", hardware=dataclasses.replace(HARDWARE, cpu_features=many)))
+    too_many = tuple(f"flag{i}" for i in range(1025))
+    with pytest.raises(InvalidArgument, match=r"hardware\.cpu_features"):
+        gw.service.enroll(
+            gw.application(gw.token(), "cam-2", hardware=dataclasses.replace(HARDWARE, cpu_features=too_many))
+        )
