@@ -32,7 +32,7 @@ token_app = typer.Typer(help="Bootstrap tokens devices enroll with.")
 app.add_typer(pki_app, name="pki")
 app.add_typer(token_app, name="token")
 
-StoreOption = Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket[/prefix].")]
+StoreOption = Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket or s3://bucket/prefix.")]
 NamespaceOption = Annotated[str, typer.Option("--namespace", help="Kubernetes namespace of the devices.")]
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)?$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

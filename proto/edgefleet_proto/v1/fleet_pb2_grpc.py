@@ -40,6 +40,11 @@ class FleetGatewayStub:
                 request_serializer=edgefleet_dot_v1_dot_fleet__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_fleet__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/edgefleet.v1.FleetGateway/Renew',
+                request_serializer=edgefleet_dot_v1_dot_fleet__pb2.RenewRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_fleet__pb2.EnrollResponse.FromString,
+                _registered_method=True)
         self.WatchAssignments = channel.unary_stream(
                 '/edgefleet.v1.FleetGateway/WatchAssignments',
                 request_serializer=edgefleet_dot_v1_dot_fleet__pb2.WatchAssignmentsRequest.SerializeToString,
@@ -75,6 +80,16 @@ class FleetGatewayServicer:
         """Exchanges a single-use bootstrap token and a CSR for a device certificate.
         The only call that does not need a client certificate. Retrying with the same token after a
         lost response is allowed for a short grace period and returns the same identity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """Issues a new certificate for the calling device, same identity, for a new key the device
+        generated: called over mTLS with the current, still valid certificate before it expires (the
+        agent renews at about two thirds of its lifetime). The old certificate stops being accepted
+        once the new one is issued. Revoked devices are refused (PERMISSION_DENIED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +140,11 @@ def add_FleetGatewayServicer_to_server(servicer, server):
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
                     request_deserializer=edgefleet_dot_v1_dot_fleet__pb2.EnrollRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_fleet__pb2.EnrollResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=edgefleet_dot_v1_dot_fleet__pb2.RenewRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_fleet__pb2.EnrollResponse.SerializeToString,
             ),
             'WatchAssignments': grpc.unary_stream_rpc_method_handler(
@@ -180,6 +200,33 @@ class FleetGateway:
             target,
             '/edgefleet.v1.FleetGateway/Enroll',
             edgefleet_dot_v1_dot_fleet__pb2.EnrollRequest.SerializeToString,
+            edgefleet_dot_v1_dot_fleet__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.FleetGateway/Renew',
+            edgefleet_dot_v1_dot_fleet__pb2.RenewRequest.SerializeToString,
             edgefleet_dot_v1_dot_fleet__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,

@@ -59,6 +59,12 @@ class FleetGatewayStub:
     The only call that does not need a client certificate. Retrying with the same token after a
     lost response is allowed for a short grace period and returns the same identity.
     """
+    Renew: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.RenewRequest, _fleet_pb2.EnrollResponse]
+    """Issues a new certificate for the calling device, same identity, for a new key the device
+    generated: called over mTLS with the current, still valid certificate before it expires (the
+    agent renews at about two thirds of its lifetime). The old certificate stops being accepted
+    once the new one is issued. Revoked devices are refused (PERMISSION_DENIED).
+    """
     WatchAssignments: _grpc.UnaryStreamMultiCallable[_fleet_pb2.WatchAssignmentsRequest, _fleet_pb2.Assignment]
     """Streams the assignments (what to run) for the calling device, starting after
     `last_revision`, then stays open and sends each new assignment as the control plane makes it.
@@ -85,6 +91,12 @@ class FleetGatewayAsyncStub(FleetGatewayStub):
     """Exchanges a single-use bootstrap token and a CSR for a device certificate.
     The only call that does not need a client certificate. Retrying with the same token after a
     lost response is allowed for a short grace period and returns the same identity.
+    """
+    Renew: _aio.UnaryUnaryMultiCallable[_fleet_pb2.RenewRequest, _fleet_pb2.EnrollResponse]  # type: ignore[assignment]
+    """Issues a new certificate for the calling device, same identity, for a new key the device
+    generated: called over mTLS with the current, still valid certificate before it expires (the
+    agent renews at about two thirds of its lifetime). The old certificate stops being accepted
+    once the new one is issued. Revoked devices are refused (PERMISSION_DENIED).
     """
     WatchAssignments: _aio.UnaryStreamMultiCallable[_fleet_pb2.WatchAssignmentsRequest, _fleet_pb2.Assignment]  # type: ignore[assignment]
     """Streams the assignments (what to run) for the calling device, starting after
@@ -115,6 +127,18 @@ class FleetGatewayServicer(metaclass=_abc_1.ABCMeta):
         """Exchanges a single-use bootstrap token and a CSR for a device certificate.
         The only call that does not need a client certificate. Retrying with the same token after a
         lost response is allowed for a short grace period and returns the same identity.
+        """
+
+    @_abc_1.abstractmethod
+    def Renew(
+        self,
+        request: _fleet_pb2.RenewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.EnrollResponse, _abc.Awaitable[_fleet_pb2.EnrollResponse]]:
+        """Issues a new certificate for the calling device, same identity, for a new key the device
+        generated: called over mTLS with the current, still valid certificate before it expires (the
+        agent renews at about two thirds of its lifetime). The old certificate stops being accepted
+        once the new one is issued. Revoked devices are refused (PERMISSION_DENIED).
         """
 
     @_abc_1.abstractmethod
