@@ -39,6 +39,7 @@ TEST_TIMEOUT_S = 20.0
 # the .proto files. A method added to a service without updating this table fails the test.
 FLEET_GATEWAY_METHODS = {
     ("Enroll", False, False, "EnrollRequest", "EnrollResponse"),
+    ("Renew", False, False, "RenewRequest", "EnrollResponse"),
     ("WatchAssignments", False, True, "WatchAssignmentsRequest", "Assignment"),
     ("FetchMetadata", False, True, "FetchMetadataRequest", "Chunk"),
     ("FetchTarget", False, True, "FetchTargetRequest", "Chunk"),
@@ -81,6 +82,7 @@ def _float_tensor(name: str, values: list[float], shape: list[int]) -> inference
 def _request_examples() -> list[Message]:
     """One populated message of every request type of every service."""
     return [
+        fleet_pb2.RenewRequest(csr_pem="-----BEGIN CERTIFICATE REQUEST-----\n...\n-----END CERTIFICATE REQUEST-----\n"),
         fleet_pb2.EnrollRequest(
             bootstrap_token="token-1",
             csr_pem="-----BEGIN CERTIFICATE REQUEST-----\n...\n-----END CERTIFICATE REQUEST-----\n",

@@ -1,0 +1,1 @@
+"""Benchmarks of the operator package's components (``edgefleet bench gateway``)."""

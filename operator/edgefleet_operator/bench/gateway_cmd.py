@@ -1,0 +1,41 @@
+"""``edgefleet bench gateway``, registered through the ``edgefleet.bench`` entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def command(
+    out: Annotated[Path, typer.Option("--json", help="Results JSON.")] = Path("bench/results/gateway.json"),
+    markdown: Annotated[
+        Path | None, typer.Option(help="Markdown file whose bench:gateway section gets the table.")
+    ] = Path("BENCHMARKS.md"),
+    quick: Annotated[
+        bool, typer.Option(help="500 agents, 8 s of health load, an 8 MB bundle: a CI smoke run, not the figures.")
+    ] = False,
+    agents: Annotated[
+        int | None, typer.Option(min=1, help="Simulated agents (default 5,000; 500 with --quick).")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(min=1.0, help="Seconds of health-report load (default 30; 8 with --quick).")
+    ] = None,
+) -> None:
+    """One gateway process under simulated mTLS agents: connections, health intake, artifact streaming, push."""
+    # The benchmark pulls in gRPC, ONNX and the fleet state: loaded only when it runs.
+    from edgefleet_operator.bench import gateway as bench
+
+    config = (bench.GatewayBenchConfig.quick_run if quick else bench.GatewayBenchConfig.full)(agents, duration)
+    try:
+        document = bench.benchmark(config, out, markdown, progress=typer.echo)
+    except bench.GatewayBenchError as e:
+        typer.echo(f"edgefleet bench gateway: {e}", err=True)
+        raise typer.Exit(code=2) from e
+    typer.echo(bench.markdown(document))
+    typer.echo(f"results written to {out}")
+    missed = bench.missed(document)
+    if missed:
+        typer.echo(f"targets missed: {', '.join(missed)}", err=True)
+        raise typer.Exit(code=1)
