@@ -18,10 +18,11 @@ def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     cpu = platform.processor() or "unknown"
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):  # noqa: SIM115 — short read, closed by GC
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     return {

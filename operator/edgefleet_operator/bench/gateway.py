@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
@@ -386,11 +385,7 @@ def _pinned(cpus: frozenset[int] | None) -> Iterator[None]:
 
 def _machine() -> dict[str, Any]:
     """The core benchmarks' machine facts, plus the gRPC version."""
-    with warnings.catch_warnings():
-        # measure.machine() leaves /proc/cpuinfo to the garbage collector: not our file to fix here.
-        warnings.simplefilter("ignore", ResourceWarning)
-        facts = machine()
-    return {**facts, "grpcio": package_version("grpcio")}
+    return {**machine(), "grpcio": package_version("grpcio")}
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
