@@ -211,3 +211,19 @@ def test_fetch_never_replaces_a_folder_that_is_not_its_output(optimized: Path, t
     assert code == 1
     assert "is not an earlier `edgefleet fetch` output" in output
     assert (web_app / "index.html").exists()
+
+
+@pytest.mark.parametrize("names", [["foo.onnx"], ["model.onnx", "tail.onnx"], ["head.onnx"]])
+def test_publish_names_the_file_names_a_device_loads(tmp_path: Path, names: list[str]) -> None:
+    source = serialize(tiny_cnn(channels=4))
+    paths = []
+    for name in names:
+        (tmp_path / name).write_bytes(source)
+        paths.append(str(tmp_path / name))
+    code, output = cli("keys", "init", str(tmp_path / "keys"))
+    assert code == 0, output
+    code, output = cli("publish", *paths, "--store", f"file://{tmp_path / 'store'}", "--keys", str(tmp_path / "keys"),
+                       "--model", "m", "--version", "1", "--device-class", "x", "--no-self-test")  # fmt: skip
+    assert code == 1
+    assert "model.onnx, or head.onnx and tail.onnx" in output
+    assert not (tmp_path / "store").exists()

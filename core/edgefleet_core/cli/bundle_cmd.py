@@ -161,6 +161,11 @@ def publish(
     names = [path.name for path in files]
     if len(set(names)) != len(names):
         raise _fail(f"two files share a name: {sorted(names)}; a bundle holds each of its files once")
+    if sorted(names) not in (["model.onnx"], ["head.onnx", "tail.onnx"]):
+        raise _fail(
+            f"a bundle holds model.onnx, or head.onnx and tail.onnx (a partitioned model); got {sorted(names)}: "
+            "name the files so (devices load them by these names)"
+        )
     if no_self_test and (golden_data is not None or latency_slo_ms is not None):
         raise _fail("--no-self-test leaves no self-test for --golden-data or --latency-slo-ms")
     try:
