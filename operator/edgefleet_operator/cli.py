@@ -32,7 +32,9 @@ token_app = typer.Typer(help="Bootstrap tokens devices enroll with.")
 app.add_typer(pki_app, name="pki")
 app.add_typer(token_app, name="token")
 
-StoreOption = Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket or s3://bucket/prefix.")]
+StoreOption = Annotated[
+    str, typer.Option("--store", help="file:///absolute/path or s3://bucket or s3://bucket/prefix.")
+]
 NamespaceOption = Annotated[str, typer.Option("--namespace", help="Kubernetes namespace of the devices.")]
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)?$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -186,21 +188,33 @@ def devices(
     store: StoreOption,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """List enrolled devices."""
+    """List enrolled devices with their status: when a gateway last heard from them, what they serve."""
     with _errors():
         _, fleet = _open(store)
         records = fleet.list_devices()
+        # The status is the device's health merged over every gateway replica's shard.
+        status = {h.device_id: h for h in fleet.read_health()}
+    rows = []
+    for r in records:
+        found = status.get(r.device_id)
+        window = found.last_window if found is not None else None
+        active = [f"{m.model_namespace}/{m.model_name}@{m.version}" for m in (window.models if window else [])]
+        rows.append((r, found.updated_at if found is not None else None, active))
     if as_json:
-        typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        documents = [
+            {**r.model_dump(mode="json"), "last_seen": seen.isoformat() if seen else None, "models": active}
+            for r, seen, active in rows
+        ]
+        typer.echo(json.dumps(documents, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("device", "class", "serial", "expires", "revoked", "last seen")
-    for r in records:
-        seen = r.status.last_seen.isoformat(timespec="seconds") if r.status else "-"
+    table = Table("device", "class", "serial", "expires", "revoked", "last seen", "models")
+    for r, seen, active in rows:
         table.add_row(r.device_id, r.device_class, r.cert_serial, r.cert_not_after.date().isoformat(),
-                      "yes" if r.revoked else "no", seen)  # fmt: skip
+                      "yes" if r.revoked else "no", seen.isoformat(timespec="seconds") if seen else "-",
+                      ", ".join(active) or "-")  # fmt: skip
     Console().print(table)
 
 
@@ -256,6 +270,23 @@ def serve(
     grace_period: Annotated[
         float, typer.Option("--grace-period", min=0.0, help="Seconds calls get to finish on shutdown.")
     ] = 5.0,
+    identity_cache_ttl: Annotated[
+        float,
+        typer.Option(
+            "--identity-cache-ttl",
+            min=0.01,
+            help="Seconds a device's record is trusted once read: a revocation (or a certificate superseded"
+            " through another replica) bites within this time, open watch streams included.",
+        ),
+    ] = 30.0,
+    replica_id: Annotated[
+        str | None,
+        typer.Option(
+            "--replica-id",
+            help="Names this replica's health shards (a-z, 0-9, '-'): a stable one (a StatefulSet pod name)"
+            " resumes its counts after a restart; default: a random one per process.",
+        ),
+    ] = None,
 ) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     from edgefleet_core.store.url import open_store
@@ -270,6 +301,8 @@ def serve(
             status_interval=status_interval,
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
+            identity_cache_ttl=identity_cache_ttl,
+            replica_id=replica_id,
         )
         server = GatewayServer(config, open_store(store), pki)
         asyncio.run(_serve(server))

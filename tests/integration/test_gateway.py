@@ -241,6 +241,46 @@ async def test_revoked_devices_are_denied_and_the_enroll_port_refuses_other_call
 
 
 @pytest.mark.asyncio
+async def test_renew_over_mtls_retires_the_old_certificate(site: Site, gateway: GatewayServer) -> None:
+    old = await _enroll(site, gateway)
+    key_pem, csr = _csr()
+    async with _channel(gateway.fleet_address, site.ca_pem, old) as channel:
+        response = await _stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=csr), timeout=10)
+        assert (response.device_id, response.namespace, response.device_class) == ("demo.cam-1", "demo", "cpu-small")
+        assert response.ca_bundle_pem.encode() == site.ca_pem
+        # The old certificate still completes the handshake (same CA) but is no longer the device's.
+        assert await _code(_stub(channel).ReportHealth(_report(), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+        assert await _code(_stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=csr), timeout=10)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    new = Device(key_pem, response.certificate_chain_pem.encode())
+    async with _channel(gateway.fleet_address, site.ca_pem, new) as channel:
+        await _stub(channel).ReportHealth(_report(), timeout=10)
+    async with _channel(gateway.enroll_address, site.ca_pem) as channel:  # no certificate: not Enroll
+        code = await _code(_stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=csr), timeout=10))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    site.fleet.revoke_device("demo", "cam-1")
+    site.clock.offset = timedelta(seconds=1)  # past the gateway's identity cache time
+    async with _channel(gateway.fleet_address, site.ca_pem, new) as channel:
+        code = await _code(_stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=_csr()[1]), timeout=10))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.asyncio
+async def test_an_open_watch_stream_ends_when_the_device_is_revoked(site: Site, gateway: GatewayServer) -> None:
+    device = await _enroll(site, gateway)
+    async with _channel(gateway.fleet_address, site.ca_pem, device) as channel:
+        stream = _stub(channel).WatchAssignments(fleet_pb2.WatchAssignmentsRequest(last_revision=0))
+        deadline = time.monotonic() + 10
+        while gateway.hub.connected_devices() == 0:
+            assert time.monotonic() < deadline, "watch never registered"
+            await asyncio.sleep(0.01)
+        site.fleet.revoke_device("demo", "cam-1")
+        site.clock.offset = timedelta(seconds=1)  # past the identity cache time (0.2 s): the recheck reads
+        assert await asyncio.wait_for(_status(stream), timeout=10) == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.asyncio
 async def test_metadata_and_targets_stream_in_chunks_resume_and_stay_in_class(
     site: Site, gateway: GatewayServer
 ) -> None:

@@ -4,6 +4,11 @@ Parsed once on the way in (pydantic, unknown fields refused, immutable), so a re
 the gateway or the CLI is well-formed; a malformed one is refused where it is read, naming its key.
 Names follow Kubernetes: namespaces and device names are DNS-1123 labels (so ``<namespace>.<name>``
 is a unique device id), device classes and models DNS-1123 subdomains. Datetimes are UTC-aware.
+
+A device's status (when it was last seen, which models it serves, how they do) is not kept on its
+:class:`DeviceRecord`: it is the device's merged health record (:class:`DeviceHealthRecord`, merged
+from every gateway replica's :class:`ReplicaHealth` shard), whose ``updated_at`` is the last report
+and whose ``last_window`` lists the models served.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from edgefleet_core.signing.layout import is_safe_path
 
 DNS_LABEL_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 TOKEN_ID_PATTERN: Final = r"^[0-9a-f]{16}$"  # noqa: S105  (a pattern, not a secret)
+REPLICA_ID_PATTERN: Final = r"^[a-z0-9-]{1,63}$"
 
 Action = Literal["install", "rollback", "remove"]
 Outcome = Literal["succeeded", "failed", "rolled_back", "refused_verification"]
@@ -111,31 +117,6 @@ class BootstrapToken(FleetRecord):
 # --------------------------------------------------------------------------------------------- devices
 
 
-class ActiveModel(FleetRecord):
-    """A model version a device serves."""
-
-    namespace: DnsLabel
-    name: DnsName
-    version: Version
-    slot: Slot | None
-
-
-class DeviceStatus(FleetRecord):
-    """The summary of a device's latest report, kept on its device record (written at a bounded rate)."""
-
-    last_seen: UtcDatetime
-    models: list[ActiveModel]
-    cpu_percent: Measure
-    memory_used_bytes: Count
-    memory_total_bytes: Count = 0
-    applied_revision: Count = 0
-    """The highest assignment revision the device reported acting on."""
-    inference_count: Count = 0
-    """Inferences in the latest window, all models."""
-    error_count: Count = 0
-    """Failed inferences in the latest window, all models."""
-
-
 class DeviceRecord(FleetRecord):
     """An enrolled device: who it is, what it runs on, which certificate is its current one."""
 
@@ -151,7 +132,15 @@ class DeviceRecord(FleetRecord):
     cert_not_after: UtcDatetime
     revoked: bool = False
     enrolled_at: UtcDatetime
-    status: DeviceStatus | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_legacy_status(cls, data: object) -> object:
+        # Records written before the status field was removed carry ``"status": null`` (it was never
+        # set); they stay readable. A status with content is still refused as an unknown field.
+        if isinstance(data, dict) and "status" in data and data["status"] is None:
+            return {k: v for k, v in data.items() if k != "status"}
+        return data
 
     @model_validator(mode="after")
     def _id_is_namespace_dot_name(self) -> Self:
@@ -169,6 +158,14 @@ class WaveRef(FleetRecord):
     index: Count
     count: Annotated[int, Field(ge=1)]
     percent: Annotated[int, Field(ge=0, le=100)]
+
+
+class AssignmentChange(FleetRecord):
+    """Which devices one assignment revision touched, so a gateway re-reads only those on a new HEAD."""
+
+    revision: Revision
+    namespace: DnsLabel
+    names: list[DnsLabel]
 
 
 class AssignmentRecord(FleetRecord):
@@ -304,6 +301,29 @@ class DeviceHealthRecord(FleetRecord):
         for key, totals in self.totals.items():
             if key != totals_key(totals.model_namespace, totals.model_name, totals.version):
                 raise ValueError(f"totals under {key!r} are for another model version")
+        return self
+
+
+class ReplicaHealth(FleetRecord):
+    """The health of every device of one class that one gateway replica served: one shard of the store.
+
+    Each record's totals count only what this replica received, so shards from several replicas add
+    up to a device's whole (a device that moves between replicas is counted once per report).
+    """
+
+    replica_id: Annotated[str, StringConstraints(pattern=REPLICA_ID_PATTERN)]
+    device_class: DnsName
+    updated_at: UtcDatetime
+    devices: dict[str, DeviceHealthRecord]
+    """Keyed by device id."""
+
+    @model_validator(mode="after")
+    def _devices_of_this_class(self) -> Self:
+        for key, record in self.devices.items():
+            if key != record.device_id:
+                raise ValueError(f"health under {key!r} is of device {record.device_id!r}")
+            if record.device_class != self.device_class:
+                raise ValueError(f"device {key!r} is of class {record.device_class!r}, not {self.device_class!r}")
         return self
 
 

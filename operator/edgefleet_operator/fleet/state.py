@@ -6,14 +6,20 @@ Layout under ``prefix`` (default ``fleet/``)::
     devices/<namespace>/<name>.json                 device records
     assignments/<namespace>/<name>.json             a device's current assignments, one per model
     assignments/HEAD.json                           {"revision": N}, the highest revision, written last
-    health/<device-class>/<namespace>.<name>.json   per-device health records
+    assignment-changes/<revision, 20 digits>.json   the devices one revision touched, written first
+    health/<device-class>/replica-<replica-id>.json one shard per gateway replica and class: the health
+                                                    of the devices that replica served, its counts only
     installs/<namespace>.<name>/<revision>-<outcome>.json   install reports (a duplicate overwrites itself)
 
 Every write is one store ``put``, which is atomic. The control plane is the single writer of
-assignments (``HEAD.json`` is written after every device file it covers, so a gateway that sees a
-new HEAD finds the assignments it announces). The store offers no compare-and-swap, so two replicas
-redeeming the same token in the same instant could both succeed; the Kubernetes-API backend
-(issue 7) closes that with resource versions.
+assignments. A revision's change file is written before any device file and ``HEAD.json`` after
+all of them, so a gateway that sees a new HEAD finds the assignments it announces and, in the change
+files, which devices to re-read; a run that died midway leaves its change file, so its revision is
+never reused. (Change files are not under ``assignments/``: a namespace called ``changes`` would
+share their folder.) Health is sharded by replica because a device moves between replicas: each
+replica writes only what it received, once per class per flush, and readers sum the shards of a
+device. The store offers no compare-and-swap, so two replicas redeeming the same token in the same
+instant could both succeed; the Kubernetes-API backend (issue 7) closes that with resource versions.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from edgefleet_core.store.base import ArtifactStore
 from edgefleet_operator.fleet.errors import FleetInputError, FleetRecordError, TokenRefused, UnknownDevice
 from edgefleet_operator.fleet.records import (
     DNS_LABEL_PATTERN,
+    REPLICA_ID_PATTERN,
     TOKEN_ID_PATTERN,
     Action,
+    AssignmentChange,
     AssignmentRecord,
     BootstrapToken,
     DeviceAssignments,
@@ -48,6 +56,7 @@ from edgefleet_operator.fleet.records import (
     HealthAggregate,
     InstallRecord,
     ModelTotals,
+    ReplicaHealth,
     TokenUse,
     WaveRef,
     model_key,
@@ -57,6 +66,10 @@ logger = logging.getLogger(__name__)
 
 MAX_RECORD_BYTES: Final = 1 << 20
 """Largest record read from the store: every record is a few KiB; a bigger one is not ours."""
+MAX_SHARD_BYTES: Final = 64 << 20
+"""Largest health shard written or read: a replica's devices of one class, a few KiB each."""
+MAX_CHANGE_SPAN: Final = 1000
+"""Most revisions :meth:`FleetState.changed_devices` reads; above, a full re-read is cheaper."""
 TOKEN_PREFIX: Final = "eft1"  # noqa: S105  (the format marker, not a secret)
 TOKEN_RETRY_GRACE: Final = timedelta(minutes=5)
 """How long an Enroll retried with a spent token by the same device name still gets its identity."""
@@ -66,6 +79,8 @@ _SECRET = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 random bytes, urlsafe base64 
 _TOKEN_ID = re.compile(TOKEN_ID_PATTERN)
 _LABEL = re.compile(DNS_LABEL_PATTERN)
 _SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
+_REPLICA_ID = re.compile(REPLICA_ID_PATTERN)
+_SHARD_FILE = re.compile(r"^replica-([a-z0-9-]{1,63})\.json$")
 _R = TypeVar("_R", bound=BaseModel)
 
 
@@ -82,6 +97,12 @@ def _check_label(what: str, value: str) -> str:
     if not _LABEL.fullmatch(value):
         raise FleetInputError(f"{what} {value!r} is not a DNS-1123 label (lowercase alphanumerics and '-', 1-63)")
     return value
+
+
+def _check_class(device_class: str) -> str:
+    if not _SUBDOMAIN.fullmatch(device_class):
+        raise FleetInputError(f"device class {device_class!r} is not a DNS-1123 subdomain")
+    return device_class
 
 
 def _belongs(key: str, record: DeviceRecord | None, namespace: str, name: str) -> DeviceRecord | None:
@@ -313,6 +334,10 @@ class FleetState:
         # Above every revision these devices hold, not only above HEAD: a run that died before writing
         # HEAD may have left a device with HEAD + 1, and a revision must never be reused on a device.
         revision = max([self.head_revision(), *(c.revision for c in current)]) + 1
+        # Nor on any other device: a died run left its change file (written first), so skip past it;
+        # gateways then learn of that run's devices too, with the next HEAD.
+        while self._store.stat(self._change_key(revision)) is not None:
+            revision += 1
         try:
             record = AssignmentRecord(
                 revision=revision,
@@ -326,8 +351,11 @@ class FleetState:
                 delta_from_version=delta_from_version,
                 wave=wave,
             )
+            change = AssignmentChange(revision=revision, namespace=namespace, names=names)
         except ValidationError as e:
             raise FleetInputError(f"invalid assignment: {e}") from e
+        # First: every revision that touched a device file has its change file (see changed_devices).
+        self._write(self._change_key(revision), change)
         for device in current:
             updated = {**device.assignments, model_key(model_namespace, model_name): record}
             self._write(
@@ -340,6 +368,40 @@ class FleetState:
             revision, action, model_namespace, model_name, version, len(names), namespace,
         )  # fmt: skip
         return revision
+
+    def _change_key(self, revision: int) -> str:
+        return self._key("assignment-changes", f"{revision:020d}.json")
+
+    def changed_devices(self, after: int, upto: int) -> set[tuple[str, str]] | None:
+        """The (namespace, name) of every device an assignment revision in (``after``, ``upto``] touched.
+
+        One read per revision (a revision without a change file is a gap, not an error: revisions may
+        skip numbers). ``None`` when the caller should re-read every device instead: more than
+        :data:`MAX_CHANGE_SPAN` revisions, or a malformed change file (logged with its key).
+        """
+        if after < 0 or upto < 0:
+            raise FleetInputError(f"revisions are not negative: ({after}, {upto}]")
+        if upto - after > MAX_CHANGE_SPAN:
+            return None
+        changed: set[tuple[str, str]] = set()
+        for revision in range(after + 1, upto + 1):
+            key = self._change_key(revision)
+            try:
+                change = self._read(key, AssignmentChange)
+            except FleetRecordError as e:
+                logger.warning("%s; re-reading every device's assignments", e)
+                return None
+            if change is None:
+                continue
+            if change.revision != revision:
+                logger.warning("fleet record %s: holds revision %d; re-reading every device", key, change.revision)
+                return None
+            changed.update((change.namespace, name) for name in change.names)
+        return changed
+
+    def latest_revision_for(self, namespace: str, name: str) -> int:
+        """The highest assignment revision the device holds (0 if none): what an install report may name."""
+        return self.assignments_for(namespace, name).revision
 
     def _assignments_key(self, namespace: str, name: str) -> str:
         return self._key(
@@ -358,34 +420,100 @@ class FleetState:
 
     # ------------------------------------------------------------------------------------- health
 
-    def write_health(self, record: DeviceHealthRecord) -> None:
-        """Create or replace a device's health record (the caller bounds the rate)."""
-        self._write(self._health_key(record), record)
+    def _shard_key(self, device_class: str, replica_id: str) -> str:
+        return self._key("health", device_class, f"replica-{replica_id}.json")
 
-    def _health_key(self, record: DeviceHealthRecord) -> str:
-        return self._key("health", record.device_class, f"{record.device_id}.json")
+    def write_replica_health(self, replica_id: str, device_class: str, records: Sequence[DeviceHealthRecord]) -> None:
+        """Replace this replica's health shard of ``device_class`` with ``records`` (one put).
 
-    def read_device_health(self, device_class: str, device_id: str) -> DeviceHealthRecord | None:
-        """One device's health record, ``None`` if it has none yet."""
-        if not _SUBDOMAIN.fullmatch(device_class):
-            raise FleetInputError(f"device class {device_class!r} is not a DNS-1123 subdomain")
-        key = self._key("health", device_class, f"{device_id}.json")
-        record = self._read(key, DeviceHealthRecord)
-        if record is not None and key != self._health_key(record):
-            raise FleetRecordError(key, f"holds the health record of {record.device_class}/{record.device_id}")
-        return record
+        Each record counts only what this replica received; the shard holds every device of the
+        class the replica keeps figures for (a device left out loses this replica's share of its
+        totals). The caller bounds the rate.
+        """
+        if not _REPLICA_ID.fullmatch(replica_id):
+            raise FleetInputError(f"replica id {replica_id!r} is not 1-63 of [a-z0-9-]")
+        _check_class(device_class)
+        devices: dict[str, DeviceHealthRecord] = {}
+        for record in records:
+            if record.device_class != device_class:
+                raise FleetInputError(
+                    f"device {record.device_id} is of class {record.device_class}, not {device_class}"
+                )
+            if record.device_id in devices:
+                raise FleetInputError(f"device {record.device_id} appears twice in one health shard")
+            devices[record.device_id] = record
+        shard = ReplicaHealth(replica_id=replica_id, device_class=device_class, updated_at=self._now(), devices=devices)
+        data = shard.model_dump_json().encode()
+        if len(data) > MAX_SHARD_BYTES:
+            # Written, it could never be read back: refuse now, while the caller still holds the figures.
+            raise FleetInputError(
+                f"health shard of {replica_id}/{device_class} is {len(data)} bytes, over {MAX_SHARD_BYTES}"
+            )
+        self._store.put(self._shard_key(device_class, replica_id), data)
+
+    def read_replica_health(self, replica_id: str, device_class: str) -> list[DeviceHealthRecord]:
+        """One replica's own shard of a class (not merged), by device id; empty if it has none.
+
+        For a replica that restarts under the same id: it resumes its counts instead of overwriting
+        them. :class:`FleetRecordError` if the shard is malformed or oversized.
+        """
+        if not _REPLICA_ID.fullmatch(replica_id):
+            raise FleetInputError(f"replica id {replica_id!r} is not 1-63 of [a-z0-9-]")
+        key = self._shard_key(_check_class(device_class), replica_id)
+        shard = self._read_shard(key, device_class, replica_id)
+        return [] if shard is None else sorted(shard.devices.values(), key=lambda r: r.device_id)
+
+    def _read_shard(self, key: str, device_class: str, replica_id: str) -> ReplicaHealth | None:
+        try:
+            data = self._store.get(key, max_bytes=MAX_SHARD_BYTES)
+        except StoreNotFound:
+            return None
+        except StoreLimitExceeded as e:
+            raise FleetRecordError(key, f"larger than {MAX_SHARD_BYTES} bytes") from e
+        try:
+            shard = ReplicaHealth.model_validate_json(data)
+        except ValidationError as e:
+            raise FleetRecordError(key, f"not a valid ReplicaHealth: {e}") from e
+        if (shard.device_class, shard.replica_id) != (device_class, replica_id):
+            raise FleetRecordError(key, f"holds the shard of replica {shard.replica_id}, class {shard.device_class}")
+        return shard
+
+    def read_health_report(self, device_class: str | None = None) -> tuple[list[DeviceHealthRecord], list[str]]:
+        """Every device's merged health record (of one class), by class and device id, and the shards skipped.
+
+        A device's record is the sum of its records in every replica's shard (see :func:`merge_health`).
+        A malformed or oversized shard is skipped with a warning naming its key, never blocking the
+        others; its key is in the second list so callers can report it.
+        """
+        base = self._key("health", "")
+        prefix = base if device_class is None else self._key("health", _check_class(device_class), "")
+        parts: dict[tuple[str, str], list[DeviceHealthRecord]] = {}
+        skipped: list[str] = []
+        for key in sorted(self._store.list(prefix)):
+            device_folder, _, file = key[len(base) :].partition("/")
+            match = _SHARD_FILE.fullmatch(file)
+            if match is None or not _SUBDOMAIN.fullmatch(device_folder):
+                continue  # not a shard of ours (a stray upload, a record of an older layout): not parsed
+            try:
+                shard = self._read_shard(key, device_folder, match.group(1))
+            except FleetRecordError as e:
+                logger.warning("%s; skipped, the other replicas' health still counts", e)
+                skipped.append(key)
+                continue
+            if shard is None:  # removed between list and get
+                continue
+            for record in shard.devices.values():
+                parts.setdefault((record.device_class, record.device_id), []).append(record)
+        return [merge_health(parts[device]) for device in sorted(parts)], skipped
 
     def read_health(self, device_class: str | None = None) -> list[DeviceHealthRecord]:
-        """Every device's health record (of one class), by class and device id."""
-        if device_class is not None and not _SUBDOMAIN.fullmatch(device_class):
-            raise FleetInputError(f"device class {device_class!r} is not a DNS-1123 subdomain")
-        prefix = self._key("health", "") if device_class is None else self._key("health", device_class, "")
-        records = []
-        for key, record in self._read_all(prefix, DeviceHealthRecord):
-            if key != self._health_key(record):
-                raise FleetRecordError(key, f"holds the health record of {record.device_class}/{record.device_id}")
-            records.append(record)
-        return sorted(records, key=lambda r: (r.device_class, r.device_id))
+        """Every device's merged health record (of one class), by class and device id; bad shards skipped."""
+        return self.read_health_report(device_class)[0]
+
+    def read_device_health(self, device_class: str, device_id: str) -> DeviceHealthRecord | None:
+        """One device's merged health record, ``None`` if no replica has one (reads the class's shards)."""
+        found = [r for r in self.read_health(device_class) if r.device_id == device_id]
+        return found[0] if found else None
 
     def record_install(self, namespace: str, name: str, record: InstallRecord) -> bool:
         """Keep an install report; ``False`` if the same report (revision and outcome) is already kept."""
@@ -450,6 +578,48 @@ class FleetState:
             groups.setdefault((cls, version), _Group()).add_install(install)
         ordered = sorted(groups.items(), key=lambda item: (item[0][0], version_key(item[0][1]), item[0][1]))
         return [group.result(model_namespace, model_name, cls, version) for (cls, version), group in ordered]
+
+
+def merge_health(parts: Sequence[DeviceHealthRecord]) -> DeviceHealthRecord:
+    """One device's health from its records in several replicas' shards (each counting its own reports).
+
+    Counters of the same model version are summed; its latest latencies come from the part updated
+    last; the latest window is the one that started last; the latest install the one that finished
+    last. ``parts`` must be records of one device, in a fixed order (ties go to the first).
+    """
+    if not parts:
+        raise FleetInputError("no health records to merge")
+    if len(parts) == 1:
+        return parts[0]
+    newest = max(parts, key=lambda p: p.updated_at)
+    totals: dict[str, ModelTotals] = {}
+    updated: dict[str, datetime] = {}
+    for part in parts:
+        for key, t in part.totals.items():
+            seen = totals.get(key)
+            if seen is None:
+                totals[key], updated[key] = t, part.updated_at
+                continue
+            latest = t if part.updated_at > updated[key] else seen
+            updated[key] = max(updated[key], part.updated_at)
+            # model_copy skips validation: sums of non-negative counters stay valid.
+            totals[key] = latest.model_copy(
+                update={
+                    "windows": seen.windows + t.windows,
+                    "inference_count": seen.inference_count + t.inference_count,
+                    "error_count": seen.error_count + t.error_count,
+                    "accelerator_fallback_count": seen.accelerator_fallback_count + t.accelerator_fallback_count,
+                }
+            )
+    windows = [p.last_window for p in parts if p.last_window is not None]
+    installs = [p.last_install for p in parts if p.last_install is not None]
+    return newest.model_copy(
+        update={
+            "totals": totals,
+            "last_window": max(windows, key=lambda w: w.window_start, default=None),
+            "last_install": max(installs, key=lambda i: (i.finished_at, i.revision), default=None),
+        }
+    )
 
 
 class _Group:

@@ -1,8 +1,11 @@
 """Pushes assignment changes to the devices watching them, learned from one cheap poll of the store.
 
 The store has no watch, so one task per gateway polls ``HEAD.json`` (a few bytes) every
-``poll_interval``; when the revision moves it re-reads the assignments of the devices connected here
-and hands each watcher the device's latest snapshot. Devices never poll: their stream is a push.
+``poll_interval``; when the revision moves it asks the store which devices the new revisions touched
+and re-reads the assignments of only those connected here (all connected ones when the store cannot
+say), handing each watcher the device's latest snapshot. Devices never poll: their stream is a push.
+A device whose assignments cannot be read is logged and retried on the next poll; the others are
+served meanwhile.
 
 A watcher keeps only the newest snapshot (a slot, not a queue): a slow client can never hold up the
 poller or other clients, and it loses nothing, because each snapshot is the device's whole current
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from edgefleet_core.errors import StoreError
@@ -103,6 +106,7 @@ class AssignmentHub:
         self._watchers: dict[str, set[_Watcher]] = {}
         self._head: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self._unread: set[str] = set()  # connected devices whose last read failed: read again next poll
 
     def connected_devices(self) -> int:
         """Devices with at least one watch stream open here."""
@@ -133,29 +137,64 @@ class AssignmentHub:
             await asyncio.sleep(self._poll_interval)
 
     async def poll_once(self) -> None:
-        """One look at HEAD; on a change, push fresh snapshots to every connected device."""
+        """One look at HEAD; on a change, push fresh snapshots to the connected devices it touched."""
         head = await asyncio.to_thread(self._fleet.head_revision)
-        if head == self._head:
+        if head == self._head and not self._unread:
             return
+        touched: set[tuple[str, str]] | None = None
+        if self._head is not None and head != self._head:
+            touched = await asyncio.to_thread(self._fleet.changed_devices, self._head, head)
+        elif self._head == head:
+            touched = set()  # only the retries
         # Who to read is decided here, on the loop: the worker thread never touches the watcher sets.
-        devices = [(device, next(iter(watchers)).identity) for device, watchers in self._watchers.items() if watchers]
-        snapshots = await asyncio.to_thread(self._read, devices)
-        self._head = head  # only after the reads succeeded: a failed round is retried next poll
+        devices: list[tuple[str, DeviceIdentity]] = []
+        for device, watchers in self._watchers.items():
+            if not watchers:
+                continue
+            identity = next(iter(watchers)).identity
+            if touched is None or device in self._unread or (identity.namespace, identity.name) in touched:
+                devices.append((device, identity))
+        snapshots, failed = await asyncio.to_thread(self._read, devices, frozenset(self._unread))
+        self._head = head  # the devices that failed are in _unread, so nothing is lost
+        self._unread = failed & self._watchers.keys()
         for device, snapshot in snapshots.items():
             for watcher in self._watchers.get(device, ()):
                 watcher.offer(snapshot, head)
 
-    def _read(self, devices: Iterable[tuple[str, DeviceIdentity]]) -> dict[str, DeviceAssignments]:
-        return {device: self._fleet.assignments_for(identity.namespace, identity.name) for device, identity in devices}
+    def _read(
+        self, devices: Iterable[tuple[str, DeviceIdentity]], failing: frozenset[str]
+    ) -> tuple[dict[str, DeviceAssignments], set[str]]:
+        snapshots: dict[str, DeviceAssignments] = {}
+        failed: set[str] = set()
+        for device, identity in devices:
+            try:
+                snapshots[device] = self._fleet.assignments_for(identity.namespace, identity.name)
+            except (FleetError, StoreError) as e:
+                # One bad record must not stop the pushes to every other device of this replica.
+                if device not in failing:  # logged once, not on every poll
+                    logger.warning("cannot read the assignments of %s (retried each poll): %s", device, e)
+                failed.add(device)
+        return snapshots, failed
 
     async def watch(
-        self, identity: DeviceIdentity, last_revision: int, installed: Iterable[InstalledModel] = ()
+        self,
+        identity: DeviceIdentity,
+        last_revision: int,
+        installed: Iterable[InstalledModel] = (),
+        *,
+        recheck: Callable[[], Awaitable[None]] | None = None,
+        recheck_interval: float = 30.0,
     ) -> AsyncGenerator[Instruction, None]:
         """The device's assignments newer than ``last_revision`` in revision order, then each change.
 
         Models in ``installed`` that have no assignment any more get a :class:`Removal`, as does a
         model whose assignment disappears while the stream is open. Ends when the hub stops.
+        ``recheck`` (the device's identity check) is awaited before every delivery and at least every
+        ``recheck_interval`` seconds while idle; what it raises ends the stream, so a revoked or
+        superseded device's open stream does not outlive the check.
         """
+        if recheck_interval <= 0:
+            raise ValueError(f"recheck_interval must be positive, not {recheck_interval}")
         watcher = _Watcher(identity)
         # Registered before the first read: a change that lands in between is pushed, not missed.
         self._watchers.setdefault(identity.device_id, set()).add(watcher)
@@ -171,22 +210,39 @@ class AssignmentHub:
                 current = snapshot.assignments.get(key)
                 if current is not None and current.action == "remove" and current.revision <= last_revision:
                     progress.sent[key] = current.revision - 1  # the device still holds it: say it again
-            for instruction in progress.instructions(snapshot, head):
-                yield instruction
-            while not watcher.closed:
-                await watcher.bell.wait()
-                watcher.bell.clear()
-                if watcher.latest is None:
-                    continue
-                latest, watcher.latest = watcher.latest, None
+            latest: tuple[DeviceAssignments, int] | None = (snapshot, head)
+            while latest is not None:
                 for instruction in progress.instructions(*latest):
+                    if recheck is not None:
+                        await recheck()
                     yield instruction
+                latest = await self._next(watcher, recheck, recheck_interval)
         finally:
             watchers = self._watchers.get(identity.device_id)
             if watchers is not None:
                 watchers.discard(watcher)
                 if not watchers:
                     del self._watchers[identity.device_id]
+
+    @staticmethod
+    async def _next(
+        watcher: _Watcher, recheck: Callable[[], Awaitable[None]] | None, recheck_interval: float
+    ) -> tuple[DeviceAssignments, int] | None:
+        """The watcher's next snapshot, ``None`` once it is closed; rechecks the device while idle."""
+        while not watcher.closed:
+            if recheck is None:
+                await watcher.bell.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watcher.bell.wait(), recheck_interval)
+                if not watcher.bell.is_set():
+                    await recheck()  # idle: the device may have been revoked meanwhile
+                    continue
+            watcher.bell.clear()
+            if watcher.latest is not None:
+                latest, watcher.latest = watcher.latest, None
+                return latest
+        return None
 
     def _snapshot(self, identity: DeviceIdentity) -> tuple[DeviceAssignments, int]:
         head = self._fleet.head_revision()

@@ -45,7 +45,8 @@ STATUS_CODES: Final[dict[type[Exception], grpc.StatusCode]] = {
 
 ANONYMOUS_METHODS: Final = frozenset({"/edgefleet.v1.FleetGateway/Enroll", "/grpc.health.v1.Health/Check",
                                       "/grpc.health.v1.Health/Watch"})  # fmt: skip
-"""Methods callable without a client certificate (the enrollment port never asks for one)."""
+"""Methods callable without a client certificate (the enrollment port never asks for one). Renew is
+not one of them: a device renews with its current certificate, over the fleet port."""
 PEER_CERTIFICATE: Final = "x509_pem_cert"
 """The auth-context key under which gRPC puts the verified peer certificate (PEM)."""
 

@@ -61,6 +61,11 @@ class GatewayMetrics:
             "Devices enrolled.",
             registry=self.registry,
         )
+        self.renewals = Counter(
+            "edgefleet_gateway_renewals",
+            "Device certificates renewed.",
+            registry=self.registry,
+        )
 
     def serve(self, host: str, port: int) -> tuple[WSGIServer, Thread, int]:
         """Serve ``/metrics`` over HTTP on ``host:port`` (0 picks a port) in a daemon thread; also the bound port."""

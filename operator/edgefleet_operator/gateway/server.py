@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,6 +43,7 @@ from edgefleet_proto.v1 import fleet_pb2, fleet_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME: Final = fleet_pb2.DESCRIPTOR.services_by_name["FleetGateway"].full_name
+_REPLICA_ID: Final = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 class GatewayConfigError(EdgeFleetError):
@@ -66,8 +68,11 @@ class GatewayConfig:
     """Seconds between health reports that enrolled agents are asked for (at least 1)."""
     certificate_validity: timedelta = timedelta(days=30)
     """Lifetime of the device certificates Enroll issues."""
-    identity_cache_ttl: float = 5.0
-    """Seconds a device record read for authentication is trusted: how long a revocation may take to bite."""
+    identity_cache_ttl: float = 30.0
+    """Seconds a device record read for authentication is trusted: a revocation (or a certificate
+    superseded through another replica) bites within this time, open watch streams included."""
+    replica_id: str | None = None
+    """Names this replica's health shards; ``None``: a random one per process (see ServicePolicy)."""
     grace_period: float = 5.0
     """Seconds in-flight calls get to finish on shutdown before they are cancelled."""
     tuf_prefix: str = "tuf/"
@@ -81,6 +86,8 @@ class GatewayConfig:
                 raise GatewayConfigError(f"{name} must be positive, not {getattr(self, name)}")
         if self.heartbeat_interval < 1:
             raise GatewayConfigError(f"heartbeat_interval must be at least 1 s, not {self.heartbeat_interval}")
+        if self.replica_id is not None and not _REPLICA_ID.fullmatch(self.replica_id):
+            raise GatewayConfigError(f"replica_id {self.replica_id!r} is not 1-63 of [a-z0-9-], starting alphanumeric")
         if self.grace_period < 0:
             raise GatewayConfigError(f"grace_period must not be negative, not {self.grace_period}")
         for name in ("listen", "enroll_listen", "metrics_listen"):
@@ -95,6 +102,7 @@ class GatewayConfig:
             heartbeat_interval=timedelta(seconds=self.heartbeat_interval),
             status_interval=timedelta(seconds=self.status_interval),
             identity_cache_ttl=timedelta(seconds=self.identity_cache_ttl),
+            replica_id=self.replica_id,
             tuf_prefix=self.tuf_prefix,
         )
 
@@ -178,11 +186,10 @@ class GatewayServer:
         logger.info("gateway listening fleet=%s enroll=%s", self.fleet_address, self.enroll_address)
 
     async def _flush_forever(self) -> None:
-        evict = timedelta(seconds=3 * max(self.config.status_interval, self.config.heartbeat_interval))
         while True:
             await asyncio.sleep(self.config.status_interval)
             try:
-                await asyncio.to_thread(self.service.flush_health, evict_idle=evict)
+                await asyncio.to_thread(self.service.flush_health)
             except (FleetError, StoreError) as e:
                 logger.warning("cannot write health records (kept for the next try): %s", e)
 
@@ -206,7 +213,7 @@ class GatewayServer:
             self._flusher = None
         try:
             written = await asyncio.to_thread(self.service.flush_health)
-            logger.info("gateway stopped; wrote %d health record(s)", written)
+            logger.info("gateway stopped; wrote %d health shard(s) (replica %s)", written, self.service.replica_id)
         except (FleetError, StoreError) as e:
             logger.warning("cannot write health records on shutdown: %s", e)
         if self._metrics_http is not None:

@@ -8,7 +8,8 @@ bounded rate) health go to :class:`~edgefleet_operator.fleet.FleetState` in the 
 Two hot paths stay free of store writes and JSON parsing per call, because a gateway takes
 thousands of them a second: authentication (device records cached per certificate serial for
 :attr:`ServicePolicy.identity_cache_ttl`, so a revocation bites within that time) and health intake
-(kept in memory, written per device at most every ``status_interval`` by :meth:`GatewayService.flush_health`).
+(kept in memory; every ``status_interval`` :meth:`GatewayService.flush_health` writes one shard per
+device class holding the totals this replica received, and readers add the replicas' shards up).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,9 +31,10 @@ from edgefleet_core.errors import StoreError, StoreLimitExceeded, StoreNotFound
 from edgefleet_core.resources.base import DNS_SUBDOMAIN_PATTERN
 from edgefleet_core.signing.layout import METADATA_DIR, TARGETS_DIR, is_safe_path
 from edgefleet_core.store.base import MAX_KEY_LENGTH, ArtifactStore
-from edgefleet_operator.fleet.errors import FleetError, TokenRefused
+from edgefleet_operator.fleet.errors import FleetError, FleetRecordError, TokenRefused
 from edgefleet_operator.fleet.records import (
     DNS_LABEL_PATTERN,
+    BootstrapToken,
     DeviceHealthRecord,
     DeviceRecord,
     HealthWindow,
@@ -44,7 +47,7 @@ from edgefleet_operator.fleet.records import (
     device_id,
     totals_key,
 )
-from edgefleet_operator.fleet.state import FleetState
+from edgefleet_operator.fleet.state import TOKEN_RETRY_GRACE, FleetState
 from edgefleet_operator.gateway.errors import (
     InvalidArgument,
     NotFound,
@@ -55,12 +58,14 @@ from edgefleet_operator.gateway.errors import (
     Unavailable,
 )
 from edgefleet_operator.gateway.hub import InstalledModel
-from edgefleet_operator.gateway.pki import CsrRefused, DeviceIdentity, FleetCA
+from edgefleet_operator.gateway.pki import CsrRefused, DeviceIdentity, FleetCA, IssuedCertificate
 
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES: Final = 1024 * 1024
 """Largest ``Chunk.data`` (fleet.proto): far below gRPC's default 4 MiB message cap."""
+READ_BYTES: Final = 4 * CHUNK_BYTES
+"""Bytes read from the store at once while streaming a file (fewer requests to S3), sent as chunks."""
 MAX_CSR_BYTES: Final = 8 * 1024
 MAX_TOKEN_CHARS: Final = 256
 MAX_ROLE_CHARS: Final = 255
@@ -224,8 +229,12 @@ class ServicePolicy:
     """Largest delay of an agent's reconnect backoff."""
     status_interval: timedelta = timedelta(seconds=10)
     """Health records are written at most this often per device."""
-    identity_cache_ttl: timedelta = timedelta(seconds=5)
-    """How long a device record read for authentication is trusted: the delay before a revocation bites."""
+    identity_cache_ttl: timedelta = timedelta(seconds=30)
+    """How long a device record read for authentication is trusted: a revocation (or a certificate
+    superseded on another replica) bites within this time. Longer means fewer store reads per call."""
+    replica_id: str | None = None
+    """Names this replica's health shards; ``None`` picks a random one per service instance, so two
+    processes (or a restart) never overwrite each other's counts."""
     tuf_prefix: str = "tuf/"
     """Store prefix of the TUF repository whose metadata and targets are served."""
 
@@ -289,6 +298,11 @@ def _check_hardware(hardware: HardwareFacts) -> None:
         _check_text(accelerator.model, f"{where}.model", max_chars=256, required=False)
         _require(accelerator.model.isprintable(), f"{where}.model", "has control characters")
         _check_names(accelerator.execution_providers, f"{where}.execution_providers", _FACT)
+
+
+def _check_csr(csr_pem: str) -> None:
+    _check_text(csr_pem, "csr_pem", max_chars=MAX_CSR_BYTES)
+    _require(len(csr_pem.encode()) <= MAX_CSR_BYTES, "csr_pem", f"over {MAX_CSR_BYTES} bytes")
 
 
 def _hardware_document(hardware: HardwareFacts | None) -> dict[str, JsonValue]:
@@ -417,22 +431,48 @@ class _Totals:
 
 @dataclass
 class _DeviceHealth:
-    """A device's health as this gateway knows it; ``merged`` once the stored record was folded in."""
+    """What this replica received from one device since it started: its own counts, never merged.
+
+    Every replica writes only the totals it received, in a shard of its own; readers add the
+    shards up. A device that moves between replicas is thus counted once per report, never twice.
+    """
 
     identity: DeviceIdentity
     updated_at: datetime
     last: HealthSample | None = None
     totals: dict[str, _Totals] = field(default_factory=dict)
     last_install: InstallRecord | None = None
-    dirty: bool = False
-    merged: bool = False
-    stored_window: HealthWindow | None = None
-    """The stored record's window, kept while this gateway has none newer (an install report came first)."""
+    version: int = 1
+    """Bumped on every change; the flush compares it with ``written`` to know what is new."""
+    written: int = 0
+    built: DeviceHealthRecord | None = None
+    """The record as of ``version``, kept so an unchanged device costs nothing to write again."""
+    resumed_window: HealthWindow | None = None
+    """The window of the shard this replica resumed (same replica id), until a newer report comes."""
+
+    def resume(self, stored: DeviceHealthRecord) -> None:
+        """Add this replica's own counts from before a restart (its shard under the same id)."""
+        for key, old in stored.totals.items():
+            totals = self.totals.get(key)
+            if totals is None:
+                self.totals[key] = _Totals(**old.model_dump())
+                continue
+            totals.windows += old.windows
+            totals.inference_count += old.inference_count
+            totals.error_count += old.error_count
+            totals.accelerator_fallback_count += old.accelerator_fallback_count
+        self.last_install = self.last_install or stored.last_install
+        self.resumed_window = stored.last_window
+        self.built = None
+
+    def changed(self, now: datetime) -> None:
+        self.updated_at = now
+        self.version += 1
+        self.built = None
 
     def add(self, sample: HealthSample, now: datetime) -> None:
         self.last = sample
-        self.updated_at = now
-        self.dirty = True
+        self.changed(now)
         for model in sample.models:
             key = totals_key(model.model_namespace, model.model_name, model.version)
             totals = self.totals.get(key)
@@ -447,26 +487,10 @@ class _DeviceHealth:
                 totals.last_p95_ms = model.latency_p95_ms
                 totals.last_p99_ms = model.latency_p99_ms
 
-    def merge(self, stored: DeviceHealthRecord | None) -> None:
-        """Fold in what earlier gateway lives (or replicas) wrote, so totals stay cumulative."""
-        self.merged = True
-        if stored is None:
-            return
-        for key, old in stored.totals.items():
-            totals = self.totals.get(key)
-            if totals is None:
-                self.totals[key] = _Totals(**old.model_dump())
-                continue
-            totals.windows += old.windows
-            totals.inference_count += old.inference_count
-            totals.error_count += old.error_count
-            totals.accelerator_fallback_count += old.accelerator_fallback_count
-        if self.last_install is None:
-            self.last_install = stored.last_install
-        self.stored_window = stored.last_window
-
     def record(self) -> DeviceHealthRecord:
-        window = self.stored_window
+        if self.built is not None:
+            return self.built
+        window = self.resumed_window
         if self.last is not None:
             sample = self.last
             window = HealthWindow(
@@ -495,7 +519,7 @@ class _DeviceHealth:
                 energy_joules=sample.energy_joules,
             )
         identity = self.identity
-        return DeviceHealthRecord(
+        self.built = DeviceHealthRecord(
             device_id=identity.device_id,
             namespace=identity.namespace,
             name=identity.name,
@@ -505,6 +529,7 @@ class _DeviceHealth:
             totals={key: totals.frozen() for key, totals in self.totals.items()},
             last_install=self.last_install,
         )
+        return self.built
 
 
 # --------------------------------------------------------------------------------------- service
@@ -533,9 +558,14 @@ class GatewayService:
         self._clock = clock
         # serial -> (record or the refusal to repeat, when it was read)
         self._auth: dict[str, tuple[DeviceRecord | Unauthenticated, datetime]] = {}
+        self.replica_id = self.policy.replica_id or secrets.token_hex(6)
+        """Names this replica's health shards (``fleet/health/<class>/replica-<id>.json``)."""
         self._health: dict[str, _DeviceHealth] = {}
+        self._vacated: set[str] = set()  # classes whose shard must be rewritten although no entry in it changed
+        self._resumed: set[str] = set()  # classes whose earlier shard (same replica id) was folded in
         self._health_lock = threading.Lock()
-        self._write_lock = threading.Lock()  # one health writer at a time, so an older snapshot never wins
+        self._write_lock = threading.Lock()
+        self._revisions: dict[str, int] = {}  # device id -> highest assignment revision read for it
 
     @property
     def hints(self) -> GatewayHints:
@@ -549,10 +579,16 @@ class GatewayService:
     # ------------------------------------------------------------------------------- enrollment
 
     def enroll(self, application: EnrollApplication) -> EnrollResult:
-        """Check every field, spend the token, sign the CSR and record the device."""
+        """Check every field and the CSR, decide whether the name may be (re-)enrolled, spend the token, record.
+
+        Who may take a device name: a token that pins it (the operator's deliberate admission or
+        re-admission, even of a revoked device); an unpinned token only for a name never enrolled,
+        or for its own grace-period retry (it already spent a use on that name moments ago).
+        Anything else would let any token of the namespace take over (or lock out) a device.
+        Every refusal comes before the token is spent: a refused attempt costs the token nothing.
+        """
         _check_text(application.bootstrap_token, "bootstrap_token", max_chars=MAX_TOKEN_CHARS)
-        _check_text(application.csr_pem, "csr_pem", max_chars=MAX_CSR_BYTES)
-        _require(len(application.csr_pem.encode()) <= MAX_CSR_BYTES, "csr_pem", f"over {MAX_CSR_BYTES} bytes")
+        _check_csr(application.csr_pem)
         _check_text(application.device_name, "device_name", max_chars=63, pattern=_DNS_LABEL,
                     what="a DNS-1123 label (lowercase alphanumerics and '-', 1-63)")  # fmt: skip
         _check_labels(application.labels)
@@ -565,26 +601,17 @@ class GatewayService:
             name = token.device_name or application.device_name  # a pinned name wins (fleet.proto)
             identity_id = device_id(token.namespace, name)
             existing = self._fleet.get_device(token.namespace, name)
-            # A revoked device stays revoked: a fresh token (leaked, or issued by mistake) must not
-            # re-admit it. Checked before the token is spent. Re-admitting is a deliberate act.
-            if existing is not None and existing.revoked:
-                raise PermissionDenied(f"device {token.namespace}/{name} is revoked; it cannot enroll again")
+            self._check_admission(token, name, existing)
+            # Signed before the token is spent, so a CSR that is refused (wrong key type, bad
+            # signature, too large) leaves the token as it was; an unused certificate is harmless,
+            # as only the serial recorded below is ever accepted.
+            issued = self._sign(application.csr_pem, token.namespace, token.device_class, name)
             token = self._fleet.redeem_token(application.bootstrap_token, name, identity_id)
         except TokenRefused as e:
             logger.info("enrollment of %r refused: bootstrap token %s", application.device_name, e.reason)
             raise Unauthenticated(f"bootstrap token refused ({e.reason}): {e}") from e
         except (FleetError, StoreError) as e:
             raise Unavailable(f"cannot check the bootstrap token: {e}") from e
-        try:
-            issued = self._ca.sign_device_csr(
-                application.csr_pem.encode(),
-                namespace=token.namespace,
-                device_class=token.device_class,
-                name=name,
-                validity=self.policy.certificate_validity,
-            )
-        except CsrRefused as e:
-            raise InvalidArgument("csr_pem", str(e)) from e
         now = self._clock()
         try:
             record = DeviceRecord(
@@ -605,17 +632,93 @@ class GatewayService:
             self._fleet.put_device(record)
         except (FleetError, StoreError) as e:
             raise Unavailable(f"cannot record the device: {e}") from e
+        self._remember(record)
+        if existing is not None and existing.cert_serial != record.cert_serial:
+            self._supersede(existing.cert_serial)
         logger.info("[%s/%s] enrolled (class %s, serial %s)", token.namespace, name, token.device_class, issued.serial)
+        return self._result(record, issued)
+
+    def _check_admission(self, token: BootstrapToken, name: str, existing: DeviceRecord | None) -> None:
+        """Refuse a token that may not (re-)enroll ``name`` (see :meth:`enroll`)."""
+        if existing is None or token.device_name is not None:
+            return
+        where = f"{token.namespace}/{name}"
+        if existing.revoked:
+            raise PermissionDenied(
+                f"device {where} is revoked; re-admitting it takes a token pinned to its name (--device-name)"
+            )
+        now = self._clock()
+        retry = any(
+            use.device_name == name and timedelta(0) <= now - use.used_at <= TOKEN_RETRY_GRACE for use in token.used_by
+        )
+        if not retry:
+            logger.warning("[%s] enrollment refused: already enrolled, token %s is not pinned to it", where,
+                           token.token_id)  # fmt: skip
+            raise PermissionDenied(
+                f"device {where} is already enrolled; replacing its enrollment takes a token pinned to its name"
+            )
+
+    def _sign(self, csr_pem: str, namespace: str, device_class: str, name: str) -> IssuedCertificate:
+        try:
+            return self._ca.sign_device_csr(
+                csr_pem.encode(),
+                namespace=namespace,
+                device_class=device_class,
+                name=name,
+                validity=self.policy.certificate_validity,
+            )
+        except CsrRefused as e:
+            raise InvalidArgument("csr_pem", str(e)) from e
+
+    def _result(self, record: DeviceRecord, issued: IssuedCertificate) -> EnrollResult:
         return EnrollResult(
             certificate_chain_pem=issued.certificate_pem,
             ca_bundle_pem=self._ca.certificate_pem,
-            device_id=identity_id,
-            namespace=token.namespace,
-            device_class=token.device_class,
-            name=name,
+            device_id=record.device_id,
+            namespace=record.namespace,
+            device_class=record.device_class,
+            name=record.name,
             not_after=issued.not_after,
             hints=self.hints,
         )
+
+    def renew(self, identity: DeviceIdentity, csr_pem: str) -> EnrollResult:
+        """A new certificate for the calling device's new key: same identity, class and name.
+
+        The device record is read afresh (never from the cache): only the current, unrevoked
+        enrollment may renew. The new serial replaces the old one in the record, so the old
+        certificate is refused at once here and within the identity cache time on other replicas.
+        """
+        _check_csr(csr_pem)
+        try:
+            record = self._fleet.get_device(identity.namespace, identity.name)
+        except (FleetError, StoreError) as e:
+            raise Unavailable(f"cannot look up device {identity.device_id}: {e}") from e
+        if record is None or record.cert_serial != identity.serial or record.device_class != identity.device_class:
+            raise Unauthenticated("unknown certificate: not the current enrollment of this device")
+        if record.revoked:
+            raise PermissionDenied(f"device {identity.device_id} is revoked")
+        issued = self._sign(csr_pem, record.namespace, record.device_class, record.name)
+        renewed = record.model_copy(update={"cert_serial": issued.serial, "cert_not_after": issued.not_after})
+        try:
+            self._fleet.put_device(renewed)
+        except (FleetError, StoreError) as e:
+            raise Unavailable(f"cannot record the renewed certificate: {e}") from e
+        self._remember(renewed)
+        self._supersede(identity.serial)
+        logger.info("[%s/%s] renewed (serial %s -> %s)", record.namespace, record.name, identity.serial, issued.serial)
+        return self._result(renewed, issued)
+
+    def _supersede(self, serial: str) -> None:
+        """Refuse a serial this replica just replaced at once, instead of after the cache time."""
+        self._auth[serial] = (Unauthenticated("unknown certificate: not the current enrollment of this device"),
+                              self._clock())  # fmt: skip
+
+    def _remember(self, record: DeviceRecord) -> None:
+        """Cache a record this replica just wrote, so the new certificate's first call needs no read."""
+        if len(self._auth) >= MAX_AUTH_CACHE:
+            self._auth.clear()
+        self._auth[record.cert_serial] = (record, self._clock())
 
     # ---------------------------------------------------------------------------- authentication
 
@@ -654,6 +757,10 @@ class GatewayService:
     def _judge(identity: DeviceIdentity, verdict: DeviceRecord | Unauthenticated) -> DeviceRecord:
         if isinstance(verdict, Unauthenticated):
             raise Unauthenticated(str(verdict))
+        if (verdict.cert_serial, verdict.device_class, verdict.namespace, verdict.name) != (
+            identity.serial, identity.device_class, identity.namespace, identity.name,
+        ):  # fmt: skip
+            raise Unauthenticated("unknown certificate: not the current enrollment of this device")
         if verdict.revoked:
             raise PermissionDenied(f"device {identity.device_id} is revoked")
         return verdict
@@ -721,32 +828,46 @@ class GatewayService:
             return
         position = offset
         while position < total:
-            want = min(CHUNK_BYTES, total - position)
+            want = min(READ_BYTES, total - position)
             try:
                 data = self._store.get_range(key, position, want)
             except StoreError as e:
                 raise Unavailable(f"cannot read {what} at {position}: {e}") from e
             if len(data) != want:
                 raise Unavailable(f"{what} changed while it was read; fetch it again")
-            end = position + want
-            yield FileChunk(position, data, total, end == total)
-            position = end
+            view = memoryview(data)
+            for start in range(0, want, CHUNK_BYTES):
+                piece = bytes(view[start : start + CHUNK_BYTES])
+                end = position + start + len(piece)
+                yield FileChunk(position + start, piece, total, end == total)
+            position += want
 
     # ------------------------------------------------------------------------------------ health
 
     def report_health(self, identity: DeviceIdentity, sample: HealthSample) -> None:
-        """Validate a report and keep it in memory; :meth:`flush_health` writes it out later."""
+        """Validate a report and add it to this replica's counts; :meth:`flush_health` writes them later."""
         _check_health(sample)
         now = self._clock()
         with self._health_lock:
-            entry = self._health.get(identity.device_id)
-            if entry is None or entry.identity.device_class != identity.device_class:
-                entry = self._health[identity.device_id] = _DeviceHealth(identity, now)
-            entry.add(sample, now)
+            self._entry(identity, now).add(sample, now)
+
+    def _entry(self, identity: DeviceIdentity, now: datetime) -> _DeviceHealth:
+        """The device's entry (the health lock held); a new one when it was re-admitted into another class."""
+        entry = self._health.get(identity.device_id)
+        if entry is None or entry.identity.device_class != identity.device_class:
+            if entry is not None:
+                self._vacated.add(entry.identity.device_class)  # its old class's shard must drop it
+            entry = self._health[identity.device_id] = _DeviceHealth(identity, now)
+        return entry
 
     def report_install(self, identity: DeviceIdentity, report: InstallOutcomeReport) -> bool:
-        """Keep an install report and write the device's health record at once; ``False`` for a duplicate."""
+        """Keep an install report (written at once); ``False`` for a duplicate.
+
+        The device's health record shows it as ``last_install`` from the next flush on: rewriting
+        the whole shard per report would cost a class-wide write per install.
+        """
         _check_install(report)
+        self._check_revision(identity, report.assignment_revision)
         now = self._clock()
         try:
             record = InstallRecord(
@@ -775,79 +896,120 @@ class GatewayService:
             record.to_version, record.outcome, record.reason,
         )  # fmt: skip
         with self._health_lock:
-            entry = self._health.get(identity.device_id)
-            if entry is None or entry.identity.device_class != identity.device_class:
-                entry = self._health[identity.device_id] = _DeviceHealth(identity, now)
+            entry = self._entry(identity, now)
             entry.last_install = record
-            entry.updated_at = now
-            entry.dirty = True
-        try:
-            self._flush([identity.device_id])
-        except (FleetError, StoreError) as e:
-            raise Unavailable(f"cannot write the health record: {e}") from e
+            entry.changed(now)
         return True
 
-    def flush_health(self, *, evict_idle: timedelta | None = None) -> int:
-        """Write every device's health record that changed since the last flush; how many were written.
+    def _check_revision(self, identity: DeviceIdentity, revision: int) -> None:
+        """Refuse a report of a revision never assigned to the device (each one would be a store write).
 
-        Called every ``status_interval`` by the server (and on shutdown), so each device is written
-        at most that often. Entries idle longer than ``evict_idle`` are dropped after a flush: the
-        store holds everything they knew, and another replica may be the device's gateway now.
+        The highest revision seen per device only grows, so the store is read again only when a
+        report names a revision above it (a new assignment since, or a refusal to come).
         """
-        with self._health_lock:
-            dirty = [key for key, entry in self._health.items() if entry.dirty]
-        written = self._flush(dirty)
-        if evict_idle is not None:
-            cutoff = self._clock() - evict_idle
+        known = self._revisions.get(identity.device_id, 0)
+        if revision <= known:
+            return
+        try:
+            latest = self._fleet.latest_revision_for(identity.namespace, identity.name)
+        except (FleetError, StoreError) as e:
+            raise Unavailable(f"cannot read the assignments of {identity.device_id}: {e}") from e
+        if len(self._revisions) >= MAX_AUTH_CACHE:
+            self._revisions.clear()
+        self._revisions[identity.device_id] = latest
+        _require(
+            revision <= latest,
+            "assignment_revision",
+            f"{revision} was never assigned to this device (its latest revision is {latest})",
+        )
+
+    def flush_health(self) -> int:
+        """Write this replica's shard of each device class with changes since the last flush; how many.
+
+        Called every ``status_interval`` by the server (and on shutdown). A shard holds every device
+        this replica has heard from since it started, so entries are never dropped while it lives:
+        a shard rewritten without a device would take that device's counts out of the totals.
+        """
+        with self._write_lock:  # one writer at a time, so an older snapshot never lands last
             with self._health_lock:
-                for key in [k for k, e in self._health.items() if not e.dirty and e.updated_at < cutoff]:
-                    del self._health[key]
+                entries = list(self._health.values())
+                classes = set(self._vacated)
+                self._vacated.clear()
+            classes.update(e.identity.device_class for e in entries if e.version != e.written)
+            try:
+                for device_class in sorted(classes - self._resumed):
+                    entries.extend(self._resume(device_class))
+            except (FleetError, StoreError):
+                with self._health_lock:
+                    self._vacated.update(classes)  # nothing written: every class is tried again next flush
+                raise
+            written = 0
+            failed: BaseException | None = None
+            for device_class in sorted(classes):
+                records: list[DeviceHealthRecord] = []
+                versions: list[tuple[_DeviceHealth, int]] = []
+                for entry in entries:
+                    if entry.identity.device_class != device_class:
+                        continue
+                    # Per entry, so the event loop's report_health never waits for a whole class.
+                    with self._health_lock:
+                        if self._health.get(entry.identity.device_id) is not entry:
+                            continue  # re-admitted into another class meanwhile
+                        try:
+                            records.append(entry.record())
+                        except ValidationError as e:  # one bad entry must not block every flush
+                            logger.error("health of %s cannot be recorded; dropped: %s", entry.identity.device_id, e)
+                            del self._health[entry.identity.device_id]
+                            continue
+                        versions.append((entry, entry.version))
+                try:
+                    self._fleet.write_replica_health(self.replica_id, device_class, records)
+                except (FleetError, StoreError) as e:
+                    with self._health_lock:
+                        self._vacated.add(device_class)  # try this class again next flush
+                    failed = failed or e
+                    continue
+                written += 1
+                for entry, version in versions:
+                    entry.written = max(entry.written, version)
+            if failed is not None:
+                raise failed
         return written
 
-    def _flush(self, device_ids: list[str]) -> int:
-        if not device_ids:
-            return 0
-        written = 0
-        with self._write_lock:
-            with self._health_lock:
-                unmerged = [
-                    (e.identity.device_class, k) for k in device_ids if (e := self._health.get(k)) and not e.merged
-                ]
-            stored: dict[str, DeviceHealthRecord] = {}
-            if len(unmerged) > MERGE_BY_LISTING:
-                # After a restart many devices report at once: one listing per class beats a read each.
-                for device_class in sorted({c for c, _ in unmerged}):
-                    stored.update({r.device_id: r for r in self._fleet.read_health(device_class)})
-            else:
-                for device_class, key in unmerged:
-                    if (found := self._fleet.read_device_health(device_class, key)) is not None:
-                        stored[key] = found
-            for key in device_ids:
-                with self._health_lock:
-                    entry = self._health.get(key)
-                    if entry is None or not entry.dirty:
-                        continue
-                    if not entry.merged:
-                        entry.merge(stored.get(key))
-                    record = entry.record()
-                    entry.dirty = False
-                try:
-                    self._fleet.write_health(record)
-                except (FleetError, StoreError):
-                    with self._health_lock:
-                        entry.dirty = True  # try again next flush
-                    raise
-                written += 1
-        return written
+    def _resume(self, device_class: str) -> list[_DeviceHealth]:
+        """Fold in this replica's shard of the class as a previous process left it; the entries it added.
+
+        Only a configured replica id can have one (a random id is new): without this, its first
+        flush would replace the counts it wrote before the restart. A store outage raises (nothing
+        is written, so nothing is lost); a malformed shard holds nothing to keep and is replaced.
+        """
+        if self.policy.replica_id is None:
+            self._resumed.add(device_class)
+            return []
+        try:
+            stored = self._fleet.read_replica_health(self.replica_id, device_class)
+        except FleetRecordError as e:
+            logger.warning("own health shard unreadable, replaced with this process's counts: %s", e)
+            stored = []
+        added: list[_DeviceHealth] = []
+        with self._health_lock:
+            for record in stored:
+                entry = self._health.get(record.device_id)
+                if entry is None:
+                    identity = DeviceIdentity(record.device_id, record.namespace, device_class, record.name, "")
+                    entry = self._health[record.device_id] = _DeviceHealth(identity, record.updated_at)
+                    entry.updated_at, entry.written = record.updated_at, entry.version
+                    added.append(entry)
+                elif entry.identity.device_class != device_class:
+                    continue  # re-admitted into another class since: the old class's figures are history
+                entry.resume(record)
+            self._resumed.add(device_class)
+        return added
 
     def pending_health(self) -> int:
-        """Devices whose latest health is not yet written (for tests and metrics)."""
+        """Devices whose latest figures are not yet written (for tests and metrics)."""
         with self._health_lock:
-            return sum(1 for entry in self._health.values() if entry.dirty)
-
-
-MERGE_BY_LISTING: Final = 32
-"""Above this many devices to merge in one flush, read their class's records by listing."""
+            return sum(1 for entry in self._health.values() if entry.version != entry.written)
 
 
 def check_watch(last_revision: int, installed: Iterable[InstalledModel]) -> list[InstalledModel]:

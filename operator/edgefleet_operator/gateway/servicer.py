@@ -9,6 +9,7 @@ worker threads so the event loop keeps serving; errors are left to the intercept
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
@@ -25,6 +26,7 @@ from edgefleet_operator.gateway.pki import DeviceIdentity, identity_from_certifi
 from edgefleet_operator.gateway.service import (
     Accelerator,
     EnrollApplication,
+    EnrollResult,
     FileChunk,
     GatewayService,
     HardwareFacts,
@@ -37,6 +39,8 @@ from edgefleet_proto.v1 import fleet_pb2, fleet_pb2_grpc
 
 Context = aio.ServicerContext[Any, Any]
 MAX_CACHED_IDENTITIES: Final = 100_000
+CHUNKS_PER_HOP: Final = 4
+"""Chunks (1 MiB each) read per hop to a worker thread while streaming a file: 4 MiB per hop, 1 MiB messages."""
 
 _SLOTS: Final[dict[int, Slot | None]] = {fleet_pb2.SLOT_UNSPECIFIED: None, fleet_pb2.SLOT_A: "a", fleet_pb2.SLOT_B: "b"}
 _OUTCOMES: Final[dict[int, Outcome]] = {
@@ -186,6 +190,21 @@ def assignment_message(instruction: Instruction) -> fleet_pb2.Assignment:
     return message
 
 
+def enroll_response(result: EnrollResult) -> fleet_pb2.EnrollResponse:
+    response = fleet_pb2.EnrollResponse(
+        certificate_chain_pem=result.certificate_chain_pem.decode(),
+        ca_bundle_pem=result.ca_bundle_pem.decode(),
+        device_id=result.device_id,
+        namespace=result.namespace,
+        device_class=result.device_class,
+    )
+    response.certificate_not_after.FromDatetime(result.not_after)
+    response.hints.heartbeat_interval.FromTimedelta(result.hints.heartbeat_interval)
+    response.hints.reconnect_backoff_initial.FromTimedelta(result.hints.reconnect_backoff_initial)
+    response.hints.reconnect_backoff_max.FromTimedelta(result.hints.reconnect_backoff_max)
+    return response
+
+
 def chunk_message(chunk: FileChunk) -> fleet_pb2.Chunk:
     return fleet_pb2.Chunk(offset=chunk.offset, data=chunk.data, total_length=chunk.total_length, eof=chunk.eof)
 
@@ -217,25 +236,24 @@ class FleetGatewayServicer(fleet_pb2_grpc.FleetGatewayServicer):
             if len(self._identities) >= MAX_CACHED_IDENTITIES:
                 self._identities.clear()
             self._identities[pem] = identity
+        await self._check(identity)
+        return identity
+
+    async def _check(self, identity: DeviceIdentity) -> None:
+        """Refuse a revoked or superseded device: on the loop when the cache decides, else in a thread."""
         if self._service.cached_device(identity) is None:
             await asyncio.to_thread(self._service.authenticate, identity)
-        return identity
 
     async def Enroll(self, request: fleet_pb2.EnrollRequest, context: Context) -> fleet_pb2.EnrollResponse:
         result = await asyncio.to_thread(self._service.enroll, enroll_application(request))
         self._metrics.enrollments.inc()
-        response = fleet_pb2.EnrollResponse(
-            certificate_chain_pem=result.certificate_chain_pem.decode(),
-            ca_bundle_pem=result.ca_bundle_pem.decode(),
-            device_id=result.device_id,
-            namespace=result.namespace,
-            device_class=result.device_class,
-        )
-        response.certificate_not_after.FromDatetime(result.not_after)
-        response.hints.heartbeat_interval.FromTimedelta(result.hints.heartbeat_interval)
-        response.hints.reconnect_backoff_initial.FromTimedelta(result.hints.reconnect_backoff_initial)
-        response.hints.reconnect_backoff_max.FromTimedelta(result.hints.reconnect_backoff_max)
-        return response
+        return enroll_response(result)
+
+    async def Renew(self, request: fleet_pb2.RenewRequest, context: Context) -> fleet_pb2.EnrollResponse:
+        device = await self._device(context)
+        result = await asyncio.to_thread(self._service.renew, device, request.csr_pem)
+        self._metrics.renewals.inc()
+        return enroll_response(result)
 
     async def WatchAssignments(
         self, request: fleet_pb2.WatchAssignmentsRequest, context: Context
@@ -245,7 +263,18 @@ class FleetGatewayServicer(fleet_pb2_grpc.FleetGatewayServicer):
             request.last_revision,
             (InstalledModel(m.model_namespace, m.model_name, m.version) for m in request.installed),
         )
-        async for instruction in self._hub.watch(device, request.last_revision, installed):
+
+        async def recheck() -> None:
+            await self._check(device)  # a revocation or a newer certificate ends the stream
+
+        stream = self._hub.watch(
+            device,
+            request.last_revision,
+            installed,
+            recheck=recheck,
+            recheck_interval=self._service.policy.identity_cache_ttl.total_seconds(),
+        )
+        async for instruction in stream:
             self._metrics.assignments_pushed.inc()
             yield assignment_message(instruction)
 
@@ -274,12 +303,14 @@ class FleetGatewayServicer(fleet_pb2_grpc.FleetGatewayServicer):
     ) -> AsyncIterator[fleet_pb2.Chunk]:
         counter = self._metrics.bytes_served.labels(kind)
         while True:
-            # Reads run in a worker thread: a slow store (S3) must not stall every other call.
-            chunk = await asyncio.to_thread(next, chunks, None)
-            if chunk is None:
+            # Reads run in a worker thread (a slow store, S3, must not stall every other call),
+            # several chunks per hop: a hop costs more than sending a 1 MiB message.
+            batch = await asyncio.to_thread(list, itertools.islice(chunks, CHUNKS_PER_HOP))
+            for chunk in batch:
+                counter.inc(len(chunk.data))
+                yield chunk_message(chunk)
+            if len(batch) < CHUNKS_PER_HOP or batch[-1].eof:
                 return
-            counter.inc(len(chunk.data))
-            yield chunk_message(chunk)
 
     async def ReportHealth(self, request: fleet_pb2.HealthReport, context: Context) -> fleet_pb2.HealthAck:
         device = await self._device(context)

@@ -66,6 +66,13 @@ def csr_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | None =
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM).decode()
 
 
+def _badly_signed_csr() -> str:
+    """A CSR that parses but whose signature does not verify (its last signature byte flipped)."""
+    der = bytearray(x509.load_pem_x509_csr(csr_pem().encode()).public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01
+    return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM).decode()
+
+
 HARDWARE = HardwareFacts(
     cpu_arch="x86_64",
     cpu_cores=4,
@@ -108,10 +115,15 @@ class Gateway:
         result = self.service.enroll(self.application(self.token(device_class), name))
         return identity_from_certificate(result.certificate_chain_pem)
 
-    def restarted(self) -> GatewayService:
-        """A second gateway process over the same store."""
-        return GatewayService(FleetState(self.store, clock=self.clock), self.store, self.ca, self.service.policy,
-                              clock=self.clock)  # fmt: skip
+    def restarted(self, replica_id: str | None = None) -> GatewayService:
+        """A second gateway process over the same store (a random replica id unless given)."""
+        policy = dataclasses.replace(self.service.policy, replica_id=replica_id)
+        return GatewayService(FleetState(self.store, clock=self.clock), self.store, self.ca, policy, clock=self.clock)
+
+    def assign(self, name: str = "cam-1", model: str = "digits", version: str = "1.1.0") -> int:
+        return self.fleet.assign("demo", [name], model_namespace="demo", model_name=model, version=version,
+                                 action="install", target_paths=[f"cpu-small/demo/{model}/{version}/manifest.json"],
+                                 bundle_sha256="ab" * 32, bundle_length=10)  # fmt: skip
 
 
 @pytest.fixture
@@ -210,9 +222,11 @@ def test_a_retried_enrollment_gets_the_same_identity_and_supersedes_the_old_cert
     assert second.device_id == first.device_id
     assert second.serial != first.serial
     gw.service.authenticate(second)
-    gw.clock.advance(6)  # past the cache time of the first one's verdict
     with pytest.raises(Unauthenticated, match="unknown certificate"):
-        gw.service.authenticate(first)
+        gw.service.authenticate(first)  # at once on the replica that re-enrolled it
+    other = gw.restarted()
+    with pytest.raises(Unauthenticated, match="unknown certificate"):
+        other.authenticate(first)
 
 
 # --------------------------------------------------------------------------------- authentication
@@ -233,7 +247,7 @@ def test_revocation_bites_within_the_cache_time(gw: Gateway) -> None:
     assert isinstance(gw.service.authenticate(identity), DeviceRecord)
     gw.fleet.revoke_device("demo", "cam-1")
     assert gw.service.cached_device(identity) is not None  # still trusted from the cache
-    gw.clock.advance(5)
+    gw.clock.advance(30)  # the default cache time
     assert gw.service.cached_device(identity) is None
     with pytest.raises(PermissionDenied, match="revoked"):
         gw.service.authenticate(identity)
@@ -253,6 +267,84 @@ def test_a_revoked_device_cannot_enroll_again_and_keeps_the_token_unspent(gw: Ga
     # The refused attempt did not spend the token: another device may still use it.
     assert gw.fleet.check_token(token).uses_left == 1
     gw.service.enroll(gw.application(token, "cam-2"))
+
+
+def test_a_token_pinned_to_the_name_re_admits_a_revoked_device(gw: Gateway) -> None:
+    old = gw.enroll()
+    gw.fleet.revoke_device("demo", "cam-1")
+    result = gw.service.enroll(gw.application(gw.token("gpu-big", device_name="cam-1"), "ignored"))
+    new = identity_from_certificate(result.certificate_chain_pem)
+    assert (new.device_id, new.device_class) == ("demo.cam-1", "gpu-big")
+    record = gw.fleet.get_device("demo", "cam-1")
+    assert record is not None
+    assert not record.revoked
+    assert record.cert_serial == new.serial
+    assert gw.service.authenticate(new).device_class == "gpu-big"
+    with pytest.raises(Unauthenticated):
+        gw.service.authenticate(old)
+
+
+def test_an_unpinned_token_cannot_take_over_an_enrolled_device(gw: Gateway) -> None:
+    victim = gw.enroll("cam-1", "gpu-big")
+    gw.clock.advance(3600)
+    batch = gw.token("cpu-small", uses=100)  # an unrelated batch token of the same namespace
+    with pytest.raises(PermissionDenied, match="already enrolled"):
+        gw.service.enroll(gw.application(batch, "cam-1"))
+    assert gw.fleet.check_token(batch).uses_left == 100  # refused before it was spent
+    gw.clock.advance(60)  # past any cache time: the store still says cam-1 is the victim
+    assert gw.restarted().authenticate(victim).device_class == "gpu-big"
+    # The same token's use by the same name long after the grace period is no retry either.
+    gw.service.enroll(gw.application(batch, "cam-2"))
+    gw.clock.advance(600)
+    with pytest.raises(PermissionDenied, match="already enrolled"):
+        gw.service.enroll(gw.application(batch, "cam-2"))
+
+
+def test_a_bad_csr_leaves_the_token_unspent(gw: Gateway) -> None:
+    token = gw.token()
+    bad = csr_pem(ed25519.Ed25519PrivateKey.generate())
+    with pytest.raises(InvalidArgument, match="P-256"):
+        gw.service.enroll(gw.application(token, csr_pem=bad))
+    with pytest.raises(InvalidArgument, match="signature"):
+        gw.service.enroll(gw.application(token, csr_pem=_badly_signed_csr()))
+    assert gw.fleet.check_token(token).uses_left == 1
+    assert gw.fleet.get_device("demo", "cam-1") is None
+    gw.service.enroll(gw.application(token))
+
+
+# ---------------------------------------------------------------------------------------- renewal
+
+
+def test_renew_issues_a_new_certificate_for_the_same_identity_and_retires_the_old(gw: Gateway) -> None:
+    old = gw.enroll()
+    gw.service.authenticate(old)  # cached as good
+    result = gw.service.renew(old, csr_pem())
+    new = identity_from_certificate(result.certificate_chain_pem)
+    assert (new.device_id, new.device_class, new.name) == (old.device_id, old.device_class, old.name)
+    assert (result.device_id, result.namespace, result.device_class) == ("demo.cam-1", "demo", "cpu-small")
+    assert new.serial != old.serial
+    record = gw.fleet.get_device("demo", "cam-1")
+    assert record is not None
+    assert (record.cert_serial, record.cert_not_after) == (new.serial, result.not_after)
+    assert gw.service.authenticate(new).cert_serial == new.serial
+    with pytest.raises(Unauthenticated):
+        gw.service.authenticate(old)  # at once here, although it was cached as good
+    with pytest.raises(Unauthenticated):
+        gw.service.renew(old, csr_pem())  # a retired certificate renews nothing
+    with pytest.raises(Unauthenticated):
+        gw.restarted().authenticate(old)  # other replicas: from the store
+
+
+def test_renew_refuses_revoked_devices_and_bad_csrs(gw: Gateway) -> None:
+    identity = gw.enroll()
+    with pytest.raises(InvalidArgument) as caught:
+        gw.service.renew(identity, csr_pem(ed25519.Ed25519PrivateKey.generate()))
+    assert caught.value.field == "csr_pem"
+    with pytest.raises(InvalidArgument):
+        gw.service.renew(identity, "")
+    gw.fleet.revoke_device("demo", "cam-1")
+    with pytest.raises(PermissionDenied, match="revoked"):
+        gw.service.renew(identity, csr_pem())  # read afresh, not from the cache
 
 
 # -------------------------------------------------------------------------------------- artifacts
@@ -375,16 +467,19 @@ def test_health_is_kept_in_memory_and_flushed_cumulatively(gw: Gateway) -> None:
     for _ in range(3):
         gw.service.report_health(identity, _sample())
     assert gw.fleet.read_health() == []  # nothing written on the hot path
-    assert gw.service.flush_health() == 1
+    assert gw.service.pending_health() == 1
+    assert gw.service.flush_health() == 1  # one shard: this replica's devices of the class
     assert gw.service.flush_health() == 0  # nothing new
+    assert gw.service.pending_health() == 0
     [record] = gw.fleet.read_health("cpu-small")
     totals = record.totals["demo/digits@1.0.0"]
     assert (totals.windows, totals.inference_count, totals.error_count) == (3, 300, 6)
     assert record.last_window is not None
     assert record.last_window.models[0].slot == "a"
 
-    # A restarted (or another) gateway adds to what is stored instead of starting over.
+    # Another (or a restarted) gateway writes its own counts; readers add the replicas up.
     other = gw.restarted()
+    assert other.replica_id != gw.service.replica_id
     other.report_health(identity, _sample(models=(_model(inference_count=50, error_count=0),)))
     assert other.flush_health() == 1
     [record] = gw.fleet.read_health("cpu-small")
@@ -394,22 +489,79 @@ def test_health_is_kept_in_memory_and_flushed_cumulatively(gw: Gateway) -> None:
     assert aggregate.inference_count == 350
 
 
+def _samples(count: int) -> HealthSample:
+    return _sample(models=(_model(inference_count=count, error_count=0),))
+
+
+def test_a_device_moving_between_replicas_is_counted_once_per_report(gw: Gateway) -> None:
+    identity = gw.enroll()
+    second = gw.restarted()
+    gw.service.report_health(identity, _samples(100))
+    gw.service.flush_health()
+    gw.clock.advance(11)
+    second.report_health(identity, _samples(10))  # the device moved to the second replica
+    second.flush_health()
+    gw.clock.advance(11)
+    gw.service.report_health(identity, _samples(1))  # and back
+    gw.service.flush_health()
+    gw.clock.advance(3600)
+    gw.service.report_health(gw.enroll("cam-2"), _samples(5))  # the first replica keeps cam-1 in its shard
+    gw.service.flush_health()
+    records = {r.device_id: r for r in gw.fleet.read_health("cpu-small")}
+    assert records["demo.cam-1"].totals["demo/digits@1.0.0"].inference_count == 111
+    assert records["demo.cam-2"].totals["demo/digits@1.0.0"].inference_count == 5
+
+
+def test_a_configured_replica_id_resumes_its_counts_after_a_restart(gw: Gateway) -> None:
+    identity = gw.enroll()
+    first = gw.restarted("gateway-0")
+    first.report_health(identity, _samples(100))
+    first.flush_health()
+    again = gw.restarted("gateway-0")  # the same pod, restarted
+    again.report_health(identity, _samples(7))
+    again.flush_health()
+    [record] = gw.fleet.read_health("cpu-small")
+    assert record.totals["demo/digits@1.0.0"].inference_count == 107
+    assert gw.fleet.read_replica_health("gateway-0", "cpu-small")[0].totals["demo/digits@1.0.0"].windows == 2
+
+
 def _install(**changes: Any) -> InstallOutcomeReport:
     base = InstallOutcomeReport(7, "demo", "digits", "1.0.0", "1.1.0", "rolled_back", "SelfTestLatency",
                                 "p95 40 ms over the 20 ms SLO", "self_test", START)  # fmt: skip
     return dataclasses.replace(base, **changes)
 
 
-def test_install_reports_are_kept_once_and_written_at_once(gw: Gateway) -> None:
+def test_install_reports_are_kept_at_once_and_shown_in_health_from_the_next_flush(gw: Gateway) -> None:
     identity = gw.enroll()
-    assert gw.service.report_install(identity, _install()) is True
+    revision = gw.assign()
+    assert gw.service.report_install(identity, _install(assignment_revision=revision)) is True
+    assert len(gw.fleet.installs("demo")) == 1  # the install record: at once
+    assert gw.fleet.read_health("cpu-small") == []  # the health record: at the next flush
+    assert gw.service.flush_health() == 1
     [record] = gw.fleet.read_health("cpu-small")
     assert record.last_install is not None
     assert record.last_install.outcome == "rolled_back"
-    assert gw.service.report_install(identity, _install()) is False
+    assert gw.service.report_install(identity, _install(assignment_revision=revision)) is False
     assert len(gw.fleet.installs("demo")) == 1
     [aggregate] = gw.fleet.aggregate("demo", "digits")
     assert aggregate.installs_rolled_back == 1
+
+
+def test_install_reports_of_revisions_never_assigned_are_refused(gw: Gateway) -> None:
+    identity = gw.enroll()
+    with pytest.raises(InvalidArgument, match="never assigned") as caught:
+        gw.service.report_install(identity, _install(assignment_revision=1))  # nothing assigned yet
+    assert caught.value.field == "assignment_revision"
+    first = gw.assign()
+    gw.assign("cam-2")  # another device's revision is not this one's
+    assert gw.service.report_install(identity, _install(assignment_revision=first)) is True
+    with pytest.raises(InvalidArgument, match="never assigned"):
+        gw.service.report_install(identity, _install(assignment_revision=first + 1))
+    with pytest.raises(InvalidArgument, match="never assigned"):
+        gw.service.report_install(identity, _install(assignment_revision=2**63 - 1))
+    later = gw.assign(version="1.2.0")  # a newer assignment is found although a lower one was cached
+    assert gw.service.report_install(identity, _install(assignment_revision=later)) is True
+    assert len(gw.fleet.installs("demo")) == 2
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""AssignmentHub over a real LocalStore: replay after a revision, removals, pushes, slow watchers."""
+"""AssignmentHub over a real LocalStore: replay, removals, pushes, slow watchers, touched-only reads, rechecks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from edgefleet_core.store.local import LocalStore
-from edgefleet_operator.fleet.records import AssignmentRecord
+from edgefleet_operator.fleet.records import AssignmentRecord, DeviceAssignments
 from edgefleet_operator.fleet.state import FleetState
+from edgefleet_operator.gateway.errors import PermissionDenied
 from edgefleet_operator.gateway.hub import AssignmentHub, InstalledModel, Instruction, Removal
 from edgefleet_operator.gateway.pki import DeviceIdentity
 
@@ -111,3 +112,87 @@ async def test_stop_ends_every_stream(fleet: FleetState) -> None:
     await hub.stop()
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(waiting, 5)
+
+
+class CountingFleet(FleetState):
+    """Counts the assignment reads the hub makes (the seam the hub calls)."""
+
+    def __init__(self, store: LocalStore) -> None:
+        super().__init__(store)
+        self.reads: list[str] = []
+
+    def assignments_for(self, namespace: str, name: str) -> DeviceAssignments:
+        self.reads.append(name)
+        return super().assignments_for(namespace, name)
+
+
+def _identity(name: str) -> DeviceIdentity:
+    return DeviceIdentity(f"demo.{name}", "demo", "cpu-small", name, name.encode().hex())
+
+
+@pytest.mark.asyncio
+async def test_a_change_re_reads_only_the_connected_devices_it_touched(tmp_path: Path) -> None:
+    fleet = CountingFleet(LocalStore(tmp_path / "store"))
+    hub = AssignmentHub(fleet, poll_interval=0.01)
+    streams = {name: hub.watch(_identity(name), 0, ()) for name in ("cam-1", "cam-2", "cam-3")}
+    _assign(fleet, "digits", "1.0.0", ("cam-1", "cam-2", "cam-3"))
+    for stream in streams.values():
+        await _next(stream, hub)
+    fleet.reads.clear()
+    _assign(fleet, "digits", "1.1.0", ("cam-2",))
+    got = await _next(streams["cam-2"], hub)
+    assert isinstance(got, AssignmentRecord)
+    assert got.version == "1.1.0"
+    assert set(fleet.reads) == {"cam-2"}
+    for stream in streams.values():
+        await stream.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_bad_assignments_record_skips_only_that_device(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    fleet = FleetState(store)
+    hub = AssignmentHub(fleet, poll_interval=0.01)
+    good = hub.watch(_identity("cam-1"), 0, ())
+    bad = hub.watch(_identity("cam-2"), 0, ())
+    _assign(fleet, "digits", "1.0.0", ("cam-1", "cam-2"))
+    await _next(good, hub)
+    await _next(bad, hub)
+    store.put("fleet/assignments/demo/cam-2.json", b"{not json")
+    revision = _assign(fleet, "digits", "1.1.0", ("cam-1",))
+    # A full re-read (as when the store cannot say what changed) meets cam-2's broken record: cam-1 is served.
+    fleet.changed_devices = lambda after, upto: None  # type: ignore[method-assign]
+    got = await _next(good, hub)
+    assert isinstance(got, AssignmentRecord)
+    assert got.revision == revision
+    assert "cannot read the assignments of demo.cam-2" in caplog.text
+    store.delete("fleet/assignments/demo/cam-2.json")
+    _assign(fleet, "faces", "2.0.0", ("cam-2",))
+    healed = await _next(bad, hub)  # once readable again, cam-2 gets its current state
+    assert isinstance(healed, AssignmentRecord)
+    assert healed.model_name == "faces"
+    await good.aclose()
+    await bad.aclose()
+
+
+@pytest.mark.asyncio
+async def test_the_recheck_runs_before_each_delivery_and_while_idle_and_ends_the_stream(fleet: FleetState) -> None:
+    hub = AssignmentHub(fleet, poll_interval=0.01)
+    _assign(fleet, "digits", "1.0.0")
+    checks: list[str] = []
+    revoked = False
+
+    async def recheck() -> None:
+        checks.append("check")
+        if revoked:
+            raise PermissionDenied("device demo.cam-1 is revoked")
+
+    stream = hub.watch(CAM, 0, (), recheck=recheck, recheck_interval=0.02)
+    await _next(stream, hub)
+    assert checks == ["check"]
+    revoked = True
+    with pytest.raises(PermissionDenied):
+        await asyncio.wait_for(anext(stream), 5)  # idle: no change comes, the recheck ends it
+    assert hub.connected_devices() == 0
