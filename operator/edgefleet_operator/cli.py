@@ -145,6 +145,9 @@ def assign(
             unknown = [name for name in device or [] if name not in classes]
             if unknown:
                 raise EdgeFleetError(f"not enrolled in namespace {namespace}: {', '.join(unknown)}")
+            revoked = sorted(r.name for r in records if r.revoked and r.name in (device or []))
+            if revoked:
+                raise EdgeFleetError(f"revoked in namespace {namespace}, not assigned: {', '.join(revoked)}")
             groups = {}
             for name in device or []:
                 groups.setdefault(classes[name], []).append(name)
