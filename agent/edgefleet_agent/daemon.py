@@ -9,7 +9,9 @@ server, then run four concurrent loops until SIGTERM/SIGINT:
 * **worker** — applies assignments one at a time in a thread (ngclient and ONNX Runtime are
   synchronous); a newer revision for a model cancels the one in progress for it;
 * **heartbeat** — a HealthReport per window (the interval the gateway asks for);
-* **reports** — sends queued install reports until each is acknowledged.
+* **reports** — sends queued install reports until each is acknowledged;
+* **renewal** — renews the device certificate at about two thirds of its lifetime (a new key
+  each time), persists it, then reconnects the loops above with the new credentials.
 
 Serving never depends on the gateway: inference keeps running the last good version while every
 loop above is failing. An assignment counts as applied only once its report is on disk, and the
@@ -38,14 +40,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from edgefleet_agent.assignments import AssignmentSpec, InstallResult
 from edgefleet_agent.connection import Backoff, BackoffPolicy, aio_secure_channel, rpc_status, secure_channel
 from edgefleet_agent.errors import AgentError
-from edgefleet_agent.fetcher import GrpcTufFetcher
+from edgefleet_agent.fetcher import PARTIAL_MAX_AGE_S, GrpcTufFetcher, clean_partials
 from edgefleet_agent.identity import (
     DeviceIdentity,
     EnrollmentError,
     IdentityError,
     IdentityStore,
+    certificate_signing_request,
     enroll,
     measure_hardware,
+    new_key,
+    renewal_due,
+    renewed_identity,
 )
 from edgefleet_agent.inference_server import start_inference_server
 from edgefleet_agent.reports import ReportQueue, assignment_spec, install_report, model_health
@@ -64,6 +70,11 @@ AGENT_FILE = "agent.json"
 TRUSTED_ROOT = Path("tuf") / "trusted-root.json"
 TUF_METADATA = Path("tuf") / "metadata"
 CALL_TIMEOUT_S = 10.0
+RENEW_TIMEOUT_S = 30.0
+MIN_RENEWAL_INTERVAL_S = 60.0
+"""Least time between two successful renewals (a gateway issuing very short certificates cannot spin us)."""
+MAX_RENEWAL_SLEEP_S = 3600.0
+"""Longest sleep before the renewal time is computed again (clock changes)."""
 STOP_GRACE_S = 10.0
 MAX_ROOT_BYTES = 1024 * 1024
 RETRYABLE_REASONS = frozenset({"DownloadFailed"})
@@ -75,6 +86,24 @@ _T = TypeVar("_T")
 
 class AgentConfigError(AgentError):
     """The agent cannot start with the settings it was given (not enrolled and no token, bad files)."""
+
+
+def _internal_error(spec: AssignmentSpec, exc: BaseException) -> InstallResult:
+    """The report for an apply that raised: a bug, reported so the fleet sees it, not a dead agent."""
+    return InstallResult(
+        revision=spec.revision,
+        model_namespace=spec.model_namespace,
+        model_name=spec.model_name,
+        from_version="",
+        to_version=spec.version,
+        outcome="failed",
+        reason="InternalError",
+        message=f"{type(exc).__name__}: {exc}",
+        failed_phase="download",
+        durations={"total": 0.0},
+        active_slot=None,
+        finished_at=datetime.now(UTC),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,9 +218,14 @@ class Progress:
             logger.warning("%s is unreadable (%s); resuming from revision 0", self._path, e)
             return 0
 
-    def accept(self, spec: AssignmentSpec) -> bool:
-        """True for a revision not seen before (for its model, and after the resume point)."""
-        if spec.revision <= max(self.last_revision, self.latest.get(spec.model_key, 0)):
+    def accept(self, spec: AssignmentSpec, *, held: bool = False) -> bool:
+        """True for a revision not seen before (for its model, and after the resume point).
+
+        A REMOVE of a model this device holds (``held``) is taken whatever its revision: the
+        gateway synthesizes removals for models no longer assigned, with no newer revision to give.
+        """
+        seen = spec.revision <= max(self.last_revision, self.latest.get(spec.model_key, 0))
+        if seen and not (spec.action == "remove" and held):
             return False
         self.latest[spec.model_key] = spec.revision
         self.outstanding[spec.model_key] = spec.revision
@@ -244,6 +278,15 @@ class Agent:
         self._retry_backoff: dict[str, Backoff] = {}
         self.identity: DeviceIdentity | None = None
         self.inference_port: int | None = None
+        self._held: set[str] = set()
+        """``namespace/name`` of the models with a committed version on disk (as last seen)."""
+        self._sync_channel: grpc.Channel | None = None
+        self._channel: aio.Channel | None = None
+        self._retired: list[grpc.Channel] = []
+        """Blocking channels replaced by a renewal, closed once no download may be using them."""
+        self._renewed = asyncio.Event()
+        self.renewals = 0
+        """Certificate renewals completed in this process."""
 
     # --- public ------------------------------------------------------------------------------------
 
@@ -267,8 +310,6 @@ class Agent:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        sync_channel: grpc.Channel | None = None
-        channel: aio.Channel | None = None
         server: StoppableServer | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -278,38 +319,63 @@ class Agent:
             self.identity = identity
             policy = BackoffPolicy(identity.hints.reconnect_backoff_initial, identity.hints.reconnect_backoff_max)
             trusted_root = self._trusted_root()
-            sync_channel = secure_channel(self.settings.gateway, identity.credentials)
-            parts = self._components_factory(
-                self.settings, identity, self._tuf_factory(sync_channel, trusted_root, policy)
-            )
+            removed = await asyncio.to_thread(clean_partials, self.settings.state_dir, older_than=PARTIAL_MAX_AGE_S)
+            if removed:
+                logger.info("removed %d stale partial downloads", len(removed))
+            self._sync_channel = secure_channel(self.settings.gateway, identity.credentials)
+            parts = self._components_factory(self.settings, identity, self._tuf_factory(trusted_root, policy))
             for result in await asyncio.to_thread(parts.updater.recover):
                 self._queue_report(result)
             server, self.inference_port = await parts.start_inference()
             host = self.settings.inference_listen.rpartition(":")[0] or "127.0.0.1"
-            channel = aio_secure_channel(self.settings.gateway, identity.credentials)
-            stub = fleet_pb2_grpc.FleetGatewayStub(channel)
+            self._channel = aio_secure_channel(self.settings.gateway, identity.credentials)
+
+            def connected() -> list[asyncio.Task[None]]:
+                # The loops that talk to the gateway: restarted on a new channel after a renewal.
+                return [
+                    asyncio.create_task(self._watch(self._stub(), parts.updater, policy), name="watch"),
+                    asyncio.create_task(self._heartbeat(self._stub(), parts.runtime), name="heartbeat"),
+                    asyncio.create_task(self._send_reports(self._stub(), policy), name="reports"),
+                ]
+
             tasks = [
-                asyncio.create_task(self._watch(stub, parts.updater, policy), name="watch"),
                 asyncio.create_task(self._worker(parts.updater, policy), name="worker"),
-                asyncio.create_task(self._heartbeat(stub, parts.runtime, identity), name="heartbeat"),
-                asyncio.create_task(self._send_reports(stub, policy), name="reports"),
+                asyncio.create_task(self._renewal(policy), name="renewal"),
+                *connected(),
             ]
             logger.info("agent %s serving inference on %s:%d", identity.device_id, host, self.inference_port)
             if on_ready is not None:
                 on_ready(identity.device_id, f"{host}:{self.inference_port}")
-            stopped = asyncio.create_task(self._stopping.wait())
-            done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            for task in done:
-                crash = None if task is stopped or task.cancelled() else task.exception()
-                if crash is not None:
-                    raise crash  # a loop died: a bug; surface it rather than run half an agent
+            await self._supervise(tasks, connected)
         finally:
             self._halt.set()
-            await self._shutdown(tasks, sync_channel, channel, server)
+            await self._shutdown(tasks, server)
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+
+    async def _supervise(
+        self, tasks: list[asyncio.Task[None]], connected: Callable[[], list[asyncio.Task[None]]]
+    ) -> None:
+        """Wait for a stop; after each renewal restart the gateway loops (``tasks`` is kept current)."""
+        stopped = asyncio.create_task(self._stopping.wait())
+        try:
+            while True:
+                renewed = asyncio.create_task(self._renewed.wait())
+                done, _ = await asyncio.wait([stopped, renewed, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                renewed.cancel()
+                for task in done:
+                    crash = None if task in (stopped, renewed) or task.cancelled() else task.exception()
+                    if crash is not None:
+                        raise crash  # a loop died: a bug; surface it rather than run half an agent
+                if stopped in done or renewed not in done:
+                    return
+                self._renewed.clear()
+                old = [t for t in tasks if t.get_name() not in ("worker", "renewal")]
+                tasks[:] = [t for t in tasks if t not in old]
+                tasks += await self._reconnect(old, connected)
+        finally:
+            stopped.cancel()
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -382,14 +448,18 @@ class Agent:
         write_file_atomic(stored, data)
         return data
 
-    def _tuf_factory(
-        self, channel: grpc.Channel, trusted_root: bytes, policy: BackoffPolicy
-    ) -> Callable[[], TufClient]:
+    def _stub(self) -> fleet_pb2_grpc.FleetGatewayAsyncStub:
+        assert self._channel is not None
+        return fleet_pb2_grpc.FleetGatewayStub(self._channel)
+
+    def _tuf_factory(self, trusted_root: bytes, policy: BackoffPolicy) -> Callable[[], TufClient]:
         def stop_fetching() -> bool:
             job = self._current
             return self._halt.is_set() or (job is not None and job.cancel.is_set())
 
         def tuf_client() -> TufClient:
+            channel = self._sync_channel  # the current one: a renewal replaces it
+            assert channel is not None
             fetcher = GrpcTufFetcher(
                 channel, self.settings.state_dir, backoff=policy, stop=stop_fetching, sleep=self._halt.wait
             )
@@ -409,6 +479,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         while True:
             installed = await asyncio.to_thread(updater.installed)
+            self._held = {f"{ns}/{name}" for ns, name, _ in installed}
             request = fleet_pb2.WatchAssignmentsRequest(
                 last_revision=self._progress.last_revision,
                 installed=[
@@ -435,7 +506,7 @@ class Agent:
             await backoff.wait_async()
 
     def _offer(self, spec: AssignmentSpec) -> None:
-        if not self._progress.accept(spec):
+        if not self._progress.accept(spec, held=spec.model_key in self._held):
             logger.debug("revision %d for %s already seen", spec.revision, spec.model_key)
             return
         replaced = self._pending.get(spec.model_key)
@@ -463,20 +534,40 @@ class Agent:
                 self._current = job
                 try:
                     result = await _in_thread(updater.apply, spec, self._cancelled(job))
+                except Exception as e:
+                    # A bug in the install path must not take the agent (and inference) down with it.
+                    logger.error(
+                        "[%s] revision %d: the install raised unexpectedly", spec.model_key, spec.revision, exc_info=e
+                    )
+                    result = _internal_error(spec, e)
                 finally:
                     self._current = None
+                    self._close_retired()
                 if self._halt.is_set():
                     return  # stopping: not applied; the gateway resends it after the restart
                 self._queue_report(result)
+                self._note_held(result)
                 if (
                     result.outcome == "failed"
                     and result.reason in RETRYABLE_REASONS
                     and spec.model_key not in self._pending
                 ):
-                    self._retry_later(spec, policy)
+                    self._retry_later(spec, policy)  # its partial downloads are kept for the retry
                     continue
                 self._retry_backoff.pop(spec.model_key, None)
                 self._progress.finish(spec)
+                await asyncio.to_thread(clean_partials, self.settings.state_dir)
+
+    def _note_held(self, result: InstallResult) -> None:
+        key = f"{result.model_namespace}/{result.model_name}"
+        if result.outcome == "succeeded" and result.reason == "Removed":
+            self._held.discard(key)
+        elif result.active_slot is not None:
+            self._held.add(key)
+
+    def _close_retired(self) -> None:
+        while self._retired:
+            self._retired.pop().close()
 
     def _cancelled(self, job: _Job) -> Callable[[], bool]:
         return lambda: job.cancel.is_set() or self._halt.is_set()
@@ -514,10 +605,9 @@ class Agent:
 
     # --- heartbeat -----------------------------------------------------------------------------
 
-    async def _heartbeat(
-        self, stub: fleet_pb2_grpc.FleetGatewayAsyncStub, runtime: RuntimePort, identity: DeviceIdentity
-    ) -> None:
-        interval = self.settings.heartbeat_interval or identity.hints.heartbeat_interval
+    async def _heartbeat(self, stub: fleet_pb2_grpc.FleetGatewayAsyncStub, runtime: RuntimePort) -> None:
+        assert self.identity is not None
+        interval = self.settings.heartbeat_interval or self.identity.hints.heartbeat_interval
         sampler = SystemSampler(self.settings.state_dir)
         window_start = datetime.now(UTC)
         failing = False
@@ -567,15 +657,80 @@ class Agent:
             else:
                 await self._reports_ready.wait()
 
+    # --- certificate renewal -------------------------------------------------------------------
+
+    async def _renewal(self, policy: BackoffPolicy) -> None:
+        backoff = self._backoff(policy)
+        earliest = 0.0  # loop time before which no renewal starts (after a successful one)
+        loop = asyncio.get_running_loop()
+        while True:
+            identity = self.identity
+            assert identity is not None
+            wait = (renewal_due(identity) - datetime.now(UTC)).total_seconds()
+            wait = max(wait, earliest - loop.time())
+            if wait > 0:
+                await asyncio.sleep(min(wait, MAX_RENEWAL_SLEEP_S))
+                continue
+            try:
+                renewed = await self._renew(identity)
+            except (aio.AioRpcError, EnrollmentError, OSError) as e:
+                if isinstance(e, aio.AioRpcError):
+                    code, details = rpc_status(e)
+                    problem = f"{code.name}: {details}"
+                else:
+                    problem = str(e)
+                expired = identity.not_after <= datetime.now(UTC)
+                logger.log(
+                    logging.ERROR if expired else logging.WARNING,
+                    "certificate renewal failed: %s; the certificate %s %s",
+                    problem,
+                    "expired at" if expired else "expires at",
+                    identity.not_after.isoformat(),
+                )
+                await backoff.wait_async()
+                continue
+            backoff.reset()
+            earliest = loop.time() + MIN_RENEWAL_INTERVAL_S
+            self.identity = renewed
+            self.renewals += 1
+            logger.info("certificate renewed, valid until %s", renewed.not_after.isoformat())
+            self._renewed.set()  # run() reconnects every loop with the new credentials
+
+    async def _renew(self, identity: DeviceIdentity) -> DeviceIdentity:
+        """A new key and CSR, Renew over the current mTLS channel, the new pair persisted."""
+        key = await asyncio.to_thread(new_key)
+        csr = certificate_signing_request(key, identity.name)
+        response = await self._stub().Renew(fleet_pb2.RenewRequest(csr_pem=csr.decode()), timeout=RENEW_TIMEOUT_S)
+        renewed = renewed_identity(response, key, identity)
+        await asyncio.to_thread(IdentityStore(self.settings.state_dir).save_renewed, renewed)
+        return renewed
+
+    async def _reconnect(
+        self, old: list[asyncio.Task[None]], connected: Callable[[], list[asyncio.Task[None]]]
+    ) -> list[asyncio.Task[None]]:
+        """Stop the gateway loops ``old``, open channels with the renewed credentials, start them again."""
+        identity = self.identity
+        assert identity is not None
+        for task in old:
+            task.cancel()
+        await asyncio.gather(*old, return_exceptions=True)
+        old_channel = self._channel
+        self._channel = aio_secure_channel(self.settings.gateway, identity.credentials)
+        if self._sync_channel is not None:
+            # A download in progress keeps the old channel until its job ends (the worker closes it).
+            self._retired.append(self._sync_channel)
+        self._sync_channel = secure_channel(self.settings.gateway, identity.credentials)
+        if self._current is None:
+            self._close_retired()
+        if old_channel is not None:
+            await old_channel.close()
+        logger.info("reconnecting to the gateway with the renewed certificate")
+        return connected()
+
     # --- shutdown ------------------------------------------------------------------------------
 
-    async def _shutdown(
-        self,
-        tasks: list[asyncio.Task[None]],
-        sync_channel: grpc.Channel | None,
-        channel: aio.Channel | None,
-        server: StoppableServer | None,
-    ) -> None:
+    async def _shutdown(self, tasks: list[asyncio.Task[None]], server: StoppableServer | None) -> None:
+        sync_channel, channel = self._sync_channel, self._channel
         worker = next((t for t in tasks if t.get_name() == "worker"), None)
         others = [t for t in tasks if t is not worker]
         for task in others:
@@ -583,6 +738,9 @@ class Agent:
         await asyncio.gather(*others, return_exceptions=True)
         if sync_channel is not None:
             sync_channel.close()  # ends a download in progress at once; the partial file stays
+        for retired in self._retired:
+            retired.close()
+        self._retired.clear()
         if worker is not None:
             try:
                 await asyncio.wait_for(worker, self.settings.stop_grace)

@@ -26,6 +26,7 @@ import logging
 import random
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +53,14 @@ READ_BYTES = 1024 * 1024
 """Size of the pieces a completed file is handed to ngclient in."""
 DEFAULT_MAX_ATTEMPTS = 5
 """Interrupted attempts in a row (without any new byte arriving) before a fetch gives up."""
+DEFAULT_IDLE_TIMEOUT_S = 30.0
+"""A call with no chunk for this long is cancelled and resumed (a gateway that stalls without closing)."""
+DEFAULT_CALL_TIMEOUT_S = 600.0
+"""Deadline of one call; a longer download simply resumes in a new call."""
+STOP_POLL_S = 0.1
+"""How often a call in progress checks ``stop`` (and the idle timeout) while no chunk arrives."""
+PARTIAL_MAX_AGE_S = 7 * 24 * 3600.0
+"""Partial downloads older than this are removed at start-up: nothing is going to resume them."""
 
 _METADATA_NAME = re.compile(r"^(?:(?P<version>[1-9][0-9]{0,19})\.)?(?P<role>.+)\.json$")
 _DIGEST_PREFIX = re.compile(r"^(?P<sha256>[0-9a-f]{64})\.")
@@ -74,6 +83,67 @@ class _Interrupted(Exception):  # control flow inside this module, never escapes
 
 class _OffsetBeyondEnd(Exception):
     """The gateway said the resume offset is past the end of the file (OUT_OF_RANGE)."""
+
+
+def clean_partials(state_dir: Path, *, older_than: float | None = None) -> list[str]:
+    """Remove ``STATE/downloads/*.part``: all of them, or those not modified for ``older_than`` seconds.
+
+    Call it when no download is in progress (one at a time: the worker's thread is idle).
+    """
+    downloads = state_dir / DOWNLOADS_DIR
+    removed: list[str] = []
+    try:
+        entries = list(downloads.glob("*.part"))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        try:
+            if older_than is not None and now - entry.stat().st_mtime < older_than:
+                continue
+            entry.unlink(missing_ok=True)
+        except OSError as e:
+            logger.warning("cannot remove the partial download %s: %s", entry, e)
+            continue
+        removed.append(entry.name)
+    return removed
+
+
+class _Watchdog:
+    """Cancels a call that stalls (no chunk for ``idle`` seconds) or whose fetch was told to stop.
+
+    gRPC's blocking iterator only returns on a message or the end of the call, so ``stop`` and the
+    idle limit are checked from a helper thread that cancels the call; the iterator then raises.
+    """
+
+    def __init__(self, call: _ChunkStream, stop: Callable[[], bool], idle: float) -> None:
+        self._call = call
+        self._stop = stop
+        self._idle = idle
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self.reason: str | None = None
+        """``"stopped"`` or ``"idle"`` once the watchdog cancelled the call."""
+        self._thread = threading.Thread(target=self._watch, name="edgefleet-fetch-watchdog", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> None:
+        """A chunk arrived."""
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(STOP_POLL_S, self._idle)):
+            if self._stop():
+                self.reason = "stopped"
+            elif time.monotonic() - self._last > self._idle:
+                self.reason = "idle"
+            else:
+                continue
+            self._call.cancel()
+            return
+
+    def close(self) -> None:
+        self._done.set()
 
 
 class _ChunkStream(Protocol):
@@ -167,6 +237,10 @@ class _ChunkCheck:
                 f"{self.path}: broken chunk stream (chunk at {chunk.offset} of {chunk.total_length} bytes, "
                 f"expected {self.expected} of {self.total})"
             )
+        if not chunk.data and not (chunk.eof and self.expected == self.total):
+            # Only the eof chunk of a file that is complete (or empty) may be empty: anything else
+            # is a gateway keeping us busy without progress.
+            raise DownloadError(f"{self.path}: empty chunk at {chunk.offset} that is not the end of the file")
         end = self.expected + len(chunk.data)
         if end > self.total:  # total <= cap, so this is also the endless-data defence
             raise DownloadLengthMismatchError(
@@ -197,9 +271,15 @@ class GrpcTufFetcher(FetcherInterface):
         stop: Callable[[], bool] = lambda: False,
         sleep: Callable[[float], object] | None = None,
         rand: Callable[[], float] | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
+        if idle_timeout <= 0 or call_timeout <= 0:
+            raise ValueError(f"timeouts must be positive, not {idle_timeout} and {call_timeout}")
+        self._idle_timeout = idle_timeout
+        self._call_timeout = call_timeout
         self._stub = fleet_pb2_grpc.FleetGatewayStub(channel)
         self.downloads = state_dir / DOWNLOADS_DIR
         self._policy = backoff or BackoffPolicy()
@@ -242,6 +322,9 @@ class GrpcTufFetcher(FetcherInterface):
         self._download_verified(request, sink, cap)
         yield from sink.pieces(remove=True)
 
+    def _open(self, method: Callable[..., _ChunkStream], request: object) -> _ChunkStream:
+        return method(request, timeout=self._call_timeout)
+
     def _metadata_request(self, path: str) -> _Request:
         match = _METADATA_NAME.fullmatch(path[len(METADATA_DIR) :])
         if match is None:
@@ -251,7 +334,7 @@ class GrpcTufFetcher(FetcherInterface):
 
         def open_stream(offset: int, max_length: int) -> _ChunkStream:
             request = fleet_pb2.FetchMetadataRequest(role=role, version=version, offset=offset, max_length=max_length)
-            return self._stub.FetchMetadata(request)
+            return self._open(self._stub.FetchMetadata, request)
 
         return _Request(path=path, open_stream=open_stream, immutable=version > 0, sha256=None)
 
@@ -261,7 +344,7 @@ class GrpcTufFetcher(FetcherInterface):
 
         def open_stream(offset: int, max_length: int) -> _ChunkStream:
             request = fleet_pb2.FetchTargetRequest(target_path=target_path, offset=offset, max_length=max_length)
-            return self._stub.FetchTarget(request)
+            return self._open(self._stub.FetchTarget, request)
 
         return _Request(
             path=path, open_stream=open_stream, immutable=True, sha256=None if match is None else match["sha256"]
@@ -337,8 +420,10 @@ class GrpcTufFetcher(FetcherInterface):
         # The proto requires max_length > 0; an empty file's cap of 0 is still enforced below.
         call = request.open_stream(offset, max(cap, 1))
         check = _ChunkCheck(request.path, offset, cap)
+        watchdog = _Watchdog(call, self._stop, self._idle_timeout)
         try:
             for chunk in call:
+                watchdog.alive()
                 if self._stop():
                     raise DownloadError(f"{request.path}: download stopped")
                 try:
@@ -351,6 +436,10 @@ class GrpcTufFetcher(FetcherInterface):
                     return
         except grpc.RpcError as e:
             code, details = rpc_status(e)
+            if watchdog.reason == "stopped":
+                raise DownloadError(f"{request.path}: download stopped") from e
+            if watchdog.reason == "idle":
+                raise _Interrupted(f"no data for {self._idle_timeout:g} s") from e
             if code in _RESUMABLE_CODES:
                 raise _Interrupted(code.name) from e
             if code == grpc.StatusCode.OUT_OF_RANGE:
@@ -361,5 +450,6 @@ class GrpcTufFetcher(FetcherInterface):
                 raise DownloadHTTPError(f"{request.path}: permission denied: {details}", 403) from e
             raise DownloadError(f"{request.path}: {code.name}: {details}") from e
         finally:
+            watchdog.close()
             call.cancel()  # no-op on a finished call; stops the gateway sending after a refusal
         raise _Interrupted("stream ended without its last chunk")

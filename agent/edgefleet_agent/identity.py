@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 import grpc
 import psutil
@@ -41,7 +42,12 @@ KEY_FILE = "key.pem"
 CERT_FILE = "cert.pem"
 CA_FILE = "ca.pem"
 IDENTITY_FILE = "identity.json"
+RENEWAL_FILE = "renewal.json"
+"""A renewed key and certificate chain written as one file before the separate files are replaced."""
 ENROLL_TIMEOUT_S = 30.0
+RENEW_AT: Final = 2 / 3
+"""Fraction of the certificate's lifetime after which the agent renews it."""
+MAX_RENEWAL_BYTES: Final = 1024 * 1024
 _CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -117,6 +123,17 @@ class _IdentityFile(BaseModel):
     heartbeat_interval: float = 30.0
     reconnect_backoff_initial: float = 1.0
     reconnect_backoff_max: float = 60.0
+
+
+class _Renewal(BaseModel):
+    """``renewal.json``: a renewed key, chain and CA bundle, complete, kept until copied into place."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key_pem: str
+    certificate_chain_pem: str
+    ca_pem: str
+    not_after: datetime
 
 
 @dataclass(frozen=True)
@@ -238,6 +255,7 @@ class IdentityStore:
         """The stored identity, ``None`` before enrollment; :class:`IdentityError` if it is damaged."""
         if not self.enrolled():
             return None
+        self._finish_renewal()
         try:
             facts = _IdentityFile.model_validate_json((self.directory / IDENTITY_FILE).read_bytes())
             credentials = DeviceCredentials(
@@ -281,6 +299,52 @@ class IdentityStore:
         )
         write_file_atomic(path, pem, mode=PRIVATE)
         return key
+
+    def save_renewed(self, identity: DeviceIdentity) -> None:
+        """Persist a renewed identity so that a crash at any point leaves the old pair or the new one.
+
+        The new key, chain and CA are first written together as one file (atomically, 0600): once
+        it exists the renewal is durable, and :meth:`load` finishes replacing the separate files
+        from it if the process dies before :meth:`save` completes. A crash before it exists leaves
+        the old files untouched.
+        """
+        creds = identity.credentials
+        journal = _Renewal(
+            key_pem=creds.key_pem.decode(),
+            certificate_chain_pem=creds.certificate_chain_pem.decode(),
+            ca_pem=creds.ca_pem.decode(),
+            not_after=identity.not_after,
+        )
+        write_file_atomic(self.directory / RENEWAL_FILE, journal.model_dump_json().encode(), mode=PRIVATE)
+        self.save(identity)
+        (self.directory / RENEWAL_FILE).unlink(missing_ok=True)
+
+    def _finish_renewal(self) -> None:
+        """Roll a renewal that was persisted but not yet copied into the separate files forward."""
+        path = self.directory / RENEWAL_FILE
+        try:
+            if not path.is_file():
+                return
+            if path.stat().st_size > MAX_RENEWAL_BYTES:
+                raise ValueError(f"over {MAX_RENEWAL_BYTES} bytes")
+            renewal = _Renewal.model_validate_json(path.read_bytes())
+            facts = _IdentityFile.model_validate_json((self.directory / IDENTITY_FILE).read_bytes())
+            key = serialization.load_pem_private_key(renewal.key_pem.encode(), password=None)
+            leaf = x509.load_pem_x509_certificates(renewal.certificate_chain_pem.encode())[0]
+            if leaf.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+                raise ValueError("its key does not match its certificate")
+        except (OSError, ValueError, ValidationError) as e:
+            # Written atomically, so this is not a half-written file: the old pair stays in use.
+            logger.error("renewed identity %s is unusable (%s); keeping the previous certificate", path, e)
+            path.unlink(missing_ok=True)
+            return
+        logger.warning("finishing a certificate renewal interrupted by a restart")
+        write_file_atomic(self.directory / KEY_FILE, renewal.key_pem.encode(), mode=PRIVATE)
+        write_file_atomic(self.directory / CERT_FILE, renewal.certificate_chain_pem.encode(), mode=PUBLIC)
+        write_file_atomic(self.directory / CA_FILE, renewal.ca_pem.encode(), mode=PUBLIC)
+        updated = facts.model_copy(update={"not_after": renewal.not_after})
+        write_file_atomic(self.directory / IDENTITY_FILE, updated.model_dump_json(indent=2).encode() + b"\n")
+        path.unlink(missing_ok=True)
 
     def save(self, identity: DeviceIdentity) -> None:
         """Persist every file, ``identity.json`` last (its presence means "enrolled")."""
@@ -405,6 +469,45 @@ def _identity_from_response(
             ca_pem=response.ca_bundle_pem.encode() or gateway_ca_pem,
         ),
         hints=GatewayHints.from_proto(response.hints),
+    )
+
+
+def renewal_due(identity: DeviceIdentity) -> datetime:
+    """When to renew: :data:`RENEW_AT` of the way from the certificate's not-before to its not-after."""
+    try:
+        leaf = x509.load_pem_x509_certificates(identity.credentials.certificate_chain_pem)[0]
+        not_before = leaf.not_valid_before_utc
+    except ValueError:
+        return identity.not_after  # unreadable here; the TLS handshake will say more
+    return not_before + (identity.not_after - not_before) * RENEW_AT
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh EC P-256 device key (renewal never reuses the old one)."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def renewed_identity(
+    response: fleet_pb2.EnrollResponse, key: ec.EllipticCurvePrivateKey, current: DeviceIdentity
+) -> DeviceIdentity:
+    """The identity a Renew response gives (checked like an enrollment's: complete, for ``key``)."""
+    renewed = _identity_from_response(response, key, current.credentials.ca_pem)
+    if renewed.device_id != current.device_id:
+        raise EnrollmentError(
+            f"the gateway renewed the certificate for {renewed.device_id}, not {current.device_id}",
+            code="OK",
+            retryable=False,
+        )
+    # Renew carries no hints of its own worth trusting over the stored ones unless set.
+    hints = renewed.hints if response.HasField("hints") else current.hints
+    return DeviceIdentity(
+        device_id=current.device_id,
+        namespace=current.namespace,
+        device_class=current.device_class,
+        name=current.name,
+        not_after=renewed.not_after,
+        credentials=renewed.credentials,
+        hints=hints,
     )
 
 

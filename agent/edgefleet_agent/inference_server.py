@@ -38,8 +38,13 @@ CHUNK_DATA_BYTES: Final = 1 << 20
 """Most tensor data one streamed message carries (inference.proto)."""
 UNARY_DATA_BYTES: Final = 4 * (1 << 20) - 64 * 1024
 """Most tensor data a unary response may carry: gRPC's default 4 MiB cap less room for the envelope."""
-MAX_STREAM_REQUEST_BYTES: Final = 256 * (1 << 20)
-"""Largest reassembled request on PredictStream: a bound on what one client can make us buffer."""
+MAX_STREAM_REQUEST_BYTES: Final = 64 * (1 << 20)
+"""Largest reassembled request on PredictStream."""
+MAX_STREAM_IN_FLIGHT_BYTES: Final = 64 * (1 << 20)
+"""Tensor bytes one stream may have buffered at once (being reassembled, queued or running): when
+reached, the stream stops reading until requests finish."""
+INTERNAL_MESSAGE: Final = "internal error in the inference server"
+"""What a client is told about an unexpected failure (the details are logged, not sent)."""
 MAX_REQUEST_ID: Final = 128
 MAX_ERROR_MESSAGE: Final = 1024
 MAX_TENSORS: Final = 1024
@@ -236,8 +241,15 @@ class _Assembler:
         self._next_chunk = 0
         self._skipping: str | None = None
 
-    def add(self, message: inference_pb2.PredictRequest) -> _Request | None:
-        """The request ``message`` completes, ``None`` while more chunks are due; raises per-request errors."""
+    def starting(self) -> bool:
+        """Whether the next message begins a new request (none is being reassembled)."""
+        return self._current is None
+
+    def add(self, message: inference_pb2.PredictRequest, *, limit: int = MAX_STREAM_REQUEST_BYTES) -> _Request | None:
+        """The request ``message`` completes, ``None`` while more chunks are due; raises per-request errors.
+
+        ``limit``: tensor bytes the request may carry in all (what the stream's budget has left).
+        """
         if self._skipping is not None:
             # The rest of a request that already failed: dropped until its last chunk.
             if message.request_id == self._skipping and message.chunk_index != 0:
@@ -246,14 +258,14 @@ class _Assembler:
                 return None
             self._skipping = None
         try:
-            return self._add(message)
+            return self._add(message, limit)
         except InferenceError:
             self._current = None
             if message.more_chunks:
                 self._skipping = message.request_id
             raise
 
-    def _add(self, message: inference_pb2.PredictRequest) -> _Request | None:
+    def _add(self, message: inference_pb2.PredictRequest, limit: int) -> _Request | None:
         if self._current is None:
             if message.chunk_index != 0:
                 raise InvalidTensors(f"request {message.request_id!r} starts at chunk {message.chunk_index}, not 0")
@@ -269,7 +281,7 @@ class _Assembler:
             )
         if sum(len(t.data) for t in message.inputs) > CHUNK_DATA_BYTES:
             raise InvalidTensors(f"a chunk carries over {CHUNK_DATA_BYTES} bytes of tensor data")
-        _add_pieces(self._current, message, limit=MAX_STREAM_REQUEST_BYTES)
+        _add_pieces(self._current, message, limit=min(limit, MAX_STREAM_REQUEST_BYTES))
         self._next_chunk += 1
         if message.more_chunks:
             return None
@@ -279,6 +291,28 @@ class _Assembler:
     def pending(self) -> str | None:
         """The request_id of a request whose last chunk never came."""
         return self._current.request_id if self._current is not None else None
+
+
+class _Budget:
+    """Tensor bytes of one stream's requests that are queued or running (reassembly aside)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._released = asyncio.Event()
+
+    def take(self, size: int) -> None:
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        self._released.set()
+
+    async def wait_for_room(self) -> None:
+        """Until less than the whole budget is in use (the reader pauses: backpressure)."""
+        while self.used >= self.limit:
+            self._released.clear()
+            await self._released.wait()
 
 
 # --- the servicer ------------------------------------------------------------------------------
@@ -317,6 +351,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 raise _TooLarge("the outputs are over the unary 4 MiB cap; use PredictStream")
         except InferenceError as exc:
             await context.abort(status_code(exc), str(exc)[:MAX_ERROR_MESSAGE])
+        except Exception:
+            log.exception("Predict of %r failed unexpectedly", request.model_name[:64])
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         return inference_pb2.PredictResponse(
             request_id=request.request_id,
             model_version=prediction.version,
@@ -324,11 +361,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             timings=_timings(prediction),
         )
 
-    async def _serve(self, request: _Request) -> list[inference_pb2.PredictResponse]:
+    async def _serve(self, request: _Request, budget: _Budget) -> list[inference_pb2.PredictResponse]:
         try:
             return list(response_chunks(request.request_id, await self._predict(request)))
         except InferenceError as exc:
             return [error_response(request.request_id, exc)]
+        except Exception:
+            log.exception("PredictStream request %r failed unexpectedly", request.request_id)
+            return [_internal_response(request.request_id)]
+        finally:
+            budget.give(request.size)
 
     async def PredictStream(
         self, request_iterator: AsyncIterator[inference_pb2.PredictRequest], context: Context
@@ -355,18 +397,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         queue: asyncio.Queue[asyncio.Future[list[inference_pb2.PredictResponse]] | None],
     ) -> None:
         assembler = _Assembler()
+        budget = _Budget(MAX_STREAM_IN_FLIGHT_BYTES)
         loop = asyncio.get_running_loop()
         try:
             async for message in request_iterator:
+                if assembler.starting():
+                    await budget.wait_for_room()
                 try:
-                    request = assembler.add(message)
+                    request = assembler.add(message, limit=budget.limit - budget.used)
                 except InferenceError as exc:
                     failed: asyncio.Future[list[inference_pb2.PredictResponse]] = loop.create_future()
                     failed.set_result([error_response(message.request_id, exc)])
                     await queue.put(failed)
                     continue
                 if request is not None:
-                    await queue.put(asyncio.ensure_future(self._serve(request)))
+                    budget.take(request.size)
+                    await queue.put(asyncio.ensure_future(self._serve(request, budget)))
             pending = assembler.pending()
             if pending is not None:
                 cut: asyncio.Future[list[inference_pb2.PredictResponse]] = loop.create_future()
@@ -397,6 +443,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 for view in views
             ]
         )
+
+
+def _internal_response(request_id: str) -> inference_pb2.PredictResponse:
+    return inference_pb2.PredictResponse(
+        request_id=request_id,
+        error=inference_pb2.RequestError(code=grpc.StatusCode.INTERNAL.value[0], message=INTERNAL_MESSAGE),
+    )
 
 
 def _is_local(listen: str) -> bool:

@@ -37,6 +37,8 @@ MAX_TARGETS = 4096
 MAX_REPORT_BYTES = 64 * 1024
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Model names are Kubernetes object names: DNS subdomains (labels joined by dots, 253 characters at most).
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
@@ -179,9 +181,10 @@ class _Invalid(ValueError):
 def _check_assignment(message: fleet_pb2.Assignment, action: Action) -> None:
     if message.revision < 1:
         raise _Invalid("revision must be at least 1")
-    for field in ("model_namespace", "model_name"):
-        if not _DNS_LABEL.fullmatch(getattr(message, field)):
-            raise _Invalid(f"{field} {getattr(message, field)!r} is not a DNS label")
+    if not _DNS_LABEL.fullmatch(message.model_namespace):
+        raise _Invalid(f"model_namespace {message.model_namespace!r} is not a DNS label")
+    if not _DNS_SUBDOMAIN.fullmatch(message.model_name):
+        raise _Invalid(f"model_name {message.model_name!r} is not a DNS subdomain")
     if action == "remove":
         return
     if not _VERSION.fullmatch(message.version):

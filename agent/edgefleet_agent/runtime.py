@@ -183,7 +183,12 @@ class LoadedModel:
         partitioned = len(self._stages) > 1
         for stage_name, session in self._stages:
             names = [o.name for o in session.get_outputs()]
-            feed = {i.name: values[i.name] for i in session.get_inputs()}
+            wanted = [i.name for i in session.get_inputs()]
+            missing = [name for name in wanted if name not in values]
+            if missing:
+                # A tail that takes an input neither the caller nor the head produces: a broken bundle.
+                raise InvalidTensors(f"model {self.name} {self.version}, {stage_name}: no value for inputs {missing}")
+            feed = {name: values[name] for name in wanted}
             started = time.perf_counter()
             try:
                 results = session.run(names, feed)
@@ -313,6 +318,13 @@ class ModelRuntime:
                 served.previous = None
             served.active = model
         log.info("[%s/%s] serving %s from slot %s", model.namespace, model.name, model.version, model.slot)
+
+    def forget_slot(self, namespace: str, name: str, slot: SlotName) -> None:
+        """``slot`` is about to be overwritten: stop keeping the previous version loaded from it."""
+        with self._lock:
+            served = self._models.get((namespace, name))
+            if served is not None and served.previous is not None and served.previous.slot == slot:
+                served.previous = None
 
     def set_previous(self, namespace: str, name: str, model: LoadedModel | None) -> None:
         """Keep ``model`` loaded as the version requests may still pin (``None`` drops it)."""

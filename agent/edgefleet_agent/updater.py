@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
-import re
 import shutil
 import threading
 import time
@@ -36,12 +36,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from tuf.api.exceptions import DownloadError, DownloadLengthMismatchError
+
 from edgefleet_agent.assignments import AssignmentSpec, InstallResult, Outcome, Phase, SlotName
 from edgefleet_agent.errors import InstallFailed, ModelLoadError, SlotCorrupt, SlotError
 from edgefleet_agent.runtime import LoadedModel, ModelRuntime
 from edgefleet_agent.slots import ModelSlots, SlotPointer, SlotStore, VerifiedSlot, other_slot
 from edgefleet_core.atomic import write_file_atomic
 from edgefleet_core.bundle.distribution import MANIFEST, BundleRef, fetch_bundle
+from edgefleet_core.bundle.manifest import MAX_MANIFEST_BYTES, BundleManifest, parse_manifest
 from edgefleet_core.errors import BundleError, BundleVerificationError, VerificationError
 from edgefleet_core.signing.client import TufClient
 
@@ -51,10 +54,6 @@ CRASH_LOOP_ATTEMPTS: Final = 3
 """Trials of one (model, revision) that may end with the process gone before it is reported failed."""
 ATTEMPTS_FILE: Final = "updater.json"
 MAX_ATTEMPTS_BYTES: Final = 1 << 20
-
-# python-tuf errors that say the transport failed (worth retrying), not that the data was wrong.
-_TRANSPORT_ERRORS: Final = frozenset({"DownloadError", "DownloadHTTPError", "SlowRetrievalError"})
-_LEADING_CLASS = re.compile(r"^([A-Z][A-Za-z0-9]*): ")
 
 
 def _never() -> bool:
@@ -112,9 +111,12 @@ class _Run:
     from_version: str = ""
     durations: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    current: Phase = "download"
+    """The phase running (or the last one that ran): what a failure without a phase of its own reports."""
 
     @contextlib.contextmanager
     def phase(self, name: Phase) -> Iterator[None]:
+        self.current = name
         started = time.perf_counter()
         try:
             yield
@@ -130,6 +132,8 @@ class _Run:
         active_slot: SlotName | None,
     ) -> InstallResult:
         a = self.assignment
+        if outcome != "succeeded" and phase is None:
+            phase = self.current  # the gateway requires a phase for every failure
         return InstallResult(
             revision=a.revision,
             model_namespace=a.model_namespace,
@@ -147,14 +151,19 @@ class _Run:
 
 
 def _verification_failure(exc: VerificationError, phase: Phase) -> InstallFailed:
-    """Transport failures are retryable ``failed``; anything TUF refused is ``refused_verification``."""
-    match = _LEADING_CLASS.match(exc.reason)
-    if match is None:
-        reason = "NotPublished" if "not listed" in exc.reason or "no such bundle" in exc.reason else "Unverified"
-        return InstallFailed("refused_verification", reason, str(exc), phase)
-    if match.group(1) in _TRANSPORT_ERRORS:
+    """Transport failures are retryable ``failed``; anything TUF refused is ``refused_verification``.
+
+    Told apart by the python-tuf exception :class:`VerificationError` was raised from: a
+    ``DownloadError`` is the transport (except a length overrun, which is the data being wrong),
+    a ``RepositoryError`` is the repository's data refused. Without one, our own code refused it
+    (a target not in the signed metadata).
+    """
+    cause = exc.__cause__
+    if cause is None:
+        return InstallFailed("refused_verification", "NotPublished", str(exc), phase)
+    if isinstance(cause, DownloadError) and not isinstance(cause, DownloadLengthMismatchError):
         return InstallFailed("failed", "DownloadFailed", str(exc), "download")
-    return InstallFailed("refused_verification", match.group(1), str(exc), phase)
+    return InstallFailed("refused_verification", type(cause).__name__, str(exc), phase)
 
 
 class Updater:
@@ -275,17 +284,25 @@ class Updater:
     # --- assignments ---------------------------------------------------------------------------
 
     def installed(self) -> list[tuple[str, str, str]]:
-        """(namespace, name, active version) of every model with a committed version on disk."""
-        found = []
-        with self._lock:
-            for slots in self._slots.models():
-                try:
-                    pointer = slots.pointer()
-                except SlotError:
-                    continue
-                version = pointer.previous_version if pointer.trial is not None else pointer.active_version
-                if version is not None:
-                    found.append((slots.namespace, slots.name, version))
+        """(namespace, name, active version) of every model with a committed version on disk.
+
+        Does not wait for an apply in progress: pointers are replaced atomically, so each read is
+        a committed state, and a trial is reported as the version it started from.
+        """
+        found: list[tuple[str, str, str]] = []
+        try:
+            models = self._slots.models()
+        except OSError as exc:
+            log.warning("cannot list the installed models: %s", exc)
+            return found
+        for slots in models:
+            try:
+                pointer = slots.pointer()
+            except SlotError:
+                continue
+            version = pointer.previous_version if pointer.trial is not None else pointer.active_version
+            if version is not None:
+                found.append((slots.namespace, slots.name, version))
         return found
 
     def apply(self, assignment: AssignmentSpec, cancelled: Callable[[], bool] = _never) -> InstallResult:
@@ -295,7 +312,7 @@ class Updater:
             try:
                 slots = self._slots.model(assignment.model_namespace, assignment.model_name)
             except SlotError as exc:
-                return run.result("failed", "InvalidAssignment", str(exc), None, None)
+                return run.result("failed", "InvalidAssignment", str(exc), "download", None)
             try:
                 pointer = slots.abort_trial()  # a trial only survives here if recover() was not called
                 run.from_version = pointer.active_version or ""
@@ -317,7 +334,8 @@ class Updater:
                 return run.result(failure.outcome, failure.reason, failure.message, failure.phase, active)
             except (SlotError, OSError) as exc:
                 reason = "OutOfSpace" if getattr(exc, "errno", None) == errno.ENOSPC else "StateWriteFailed"
-                return run.result("failed", reason, str(exc), None, self._committed_slot(slots))
+                phase: Phase = "decode" if run.current == "download" else run.current
+                return run.result("failed", reason, str(exc), phase, self._committed_slot(slots))
 
     @staticmethod
     def _committed_slot(slots: ModelSlots) -> SlotName | None:
@@ -377,13 +395,17 @@ class Updater:
         self._check(cancelled)
         client = self._tuf_client()
         with run.phase("verify"):
-            self._verify_target(client, manifest_path, a.bundle_sha256)
+            full_manifest = self._verified_manifest(client, manifest_path, a.bundle_sha256)
         self._check(cancelled)
         base = self._delta_base(slots, pointer)
         try:
             with run.phase("download"):
                 fetched = fetch_bundle(
-                    client, BundleRef(a.model_namespace, a.model_name, self.device_class, a.version), base=base
+                    client,
+                    BundleRef(a.model_namespace, a.model_name, self.device_class, a.version),
+                    base=base,
+                    refresh=False,  # refreshed once above: the manifest and payloads come from one snapshot
+                    full_manifest=full_manifest,
                 )
         except VerificationError as exc:
             raise _verification_failure(exc, "download") from None
@@ -394,6 +416,7 @@ class Updater:
         self._check(cancelled)
         target = slots.inactive_slot()
         with run.phase("decode"):
+            self.runtime.forget_slot(a.model_namespace, a.model_name, target)  # its version is overwritten now
             slots.write_slot(target, fetched.manifest, dict(fetched.files))
             try:
                 verified = slots.verify(target, a.version)
@@ -407,7 +430,28 @@ class Updater:
     @staticmethod
     def _check(cancelled: Callable[[], bool]) -> None:
         if cancelled():
-            raise InstallFailed("failed", "Superseded", "a newer assignment revision replaced this one", None)
+            raise InstallFailed("failed", "Superseded", "a newer assignment revision replaced this one", "download")
+
+    @classmethod
+    def _verified_manifest(cls, client: TufClient, path: str, bundle_sha256: str) -> BundleManifest:
+        """Refresh metadata once, then fetch the full manifest whose bytes must hash to ``bundle_sha256``."""
+        try:
+            client.refresh()
+        except VerificationError as exc:
+            raise _verification_failure(exc, "verify") from None
+        cls._verify_target(client, path, bundle_sha256)
+        try:
+            data = client.download(path, max_length=MAX_MANIFEST_BYTES)
+        except VerificationError as exc:
+            raise _verification_failure(exc, "verify") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != bundle_sha256:
+            message = f"{path}: the manifest's bytes hash to {actual}, not the assignment's {bundle_sha256}"
+            raise InstallFailed("refused_verification", "BundleDigestMismatch", message, "verify")
+        try:
+            return parse_manifest(data)
+        except BundleError as exc:
+            raise InstallFailed("refused_verification", "BundleInvalid", str(exc), "verify") from None
 
     @staticmethod
     def _verify_target(client: TufClient, path: str, bundle_sha256: str) -> None:
@@ -439,22 +483,33 @@ class Updater:
             # Counted before the trial starts: if the self-test takes the process down, recover() sees it.
             self._attempts.bump(a.model_namespace, a.model_name, a.revision)
             slots.begin_trial(verified.slot, version, a.revision)
+        unexpected = False
         try:
             with run.phase("self_test"):
                 try:
                     loaded = self._load(slots, verified)
+                    failure = self.runtime.self_test(loaded, verified.manifest.self_test)
                 except ModelLoadError as exc:
                     raise InstallFailed("rolled_back", "SelfTestLoad", str(exc), "self_test") from None
-                failure = self.runtime.self_test(loaded, verified.manifest.self_test)
+                except Exception as exc:
+                    # Whatever a model makes ONNX Runtime or our checks raise must not take the agent
+                    # down; the version is refused like any other that fails its self-test.
+                    unexpected = True
+                    log.exception("[%s/%s] self-test of %s raised", *self._id(slots), version)
+                    message = f"{type(exc).__name__}: {exc}"
+                    raise InstallFailed("rolled_back", "SelfTestError", message, "self_test") from exc
                 if failure is not None:
                     raise InstallFailed("rolled_back", failure.reason, failure.message, "self_test")
             with run.phase("activate"):
                 slots.commit()
-        except Exception:
+        except Exception as exc:
             # Not for BaseException (SystemExit, KeyboardInterrupt): the process is going down, and
             # recover() at the next start rolls the trial back exactly as after a kill.
             restored = slots.abort_trial()
-            self._attempts.clear(a.model_namespace, a.model_name)
+            if not unexpected and isinstance(exc, InstallFailed):
+                # A clean verdict: the version ran and failed. After anything unexpected the counter
+                # stays, so a version that keeps killing or breaking the process ends in CrashLoop.
+                self._attempts.clear(a.model_namespace, a.model_name)
             log.warning("[%s/%s] rolled back to %s", *self._id(slots), restored.active_version or "nothing")
             raise
         self._attempts.clear(a.model_namespace, a.model_name)

@@ -235,15 +235,40 @@ def _decode(
     return files, transferred
 
 
+def _same_content(delta: BundleManifest, full: BundleManifest) -> bool:
+    """Whether a delta manifest promises exactly the full manifest's model: files, identity, self-test."""
+
+    def decoded(m: BundleManifest) -> list[tuple[str, str, int]]:
+        return sorted((f.name, f.sha256, f.length) for f in m.files)
+
+    return (
+        decoded(delta) == decoded(full)
+        and delta.model == full.model
+        and delta.version == full.version
+        and delta.device_class == full.device_class
+        and delta.self_test == full.self_test
+    )
+
+
 def fetch_bundle(
-    client: TufClient, ref: BundleRef, *, base: tuple[str, Mapping[str, bytes]] | None = None
+    client: TufClient,
+    ref: BundleRef,
+    *,
+    base: tuple[str, Mapping[str, bytes]] | None = None,
+    refresh: bool = True,
+    full_manifest: BundleManifest | None = None,
 ) -> FetchedBundle:
     """Refresh, find the bundle, download and verify every byte, decode, verify the decoded files.
 
     With ``base`` (a version this device holds and its decoded files) a delta bundle is used when
     one was published for it; if it does not decode against the base, the full bundle is fetched.
+    ``refresh=False`` uses the metadata the caller refreshed already. ``full_manifest`` is the
+    version's full manifest the caller fetched and pinned (e.g. to a digest it was told): a delta
+    is used only when its manifest promises exactly the same decoded files, model, version, class
+    and self-test, and the full bundle is decoded against it instead of fetching the manifest again.
     """
-    client.refresh()
+    if refresh:
+        client.refresh()
     version = ref.version
     if version is None:
         versions = published_versions(client, ref)
@@ -255,12 +280,26 @@ def fetch_bundle(
         delta_prefix = f"{prefix}/delta-from-{base[0]}"
         if client.target_info(f"{delta_prefix}/{MANIFEST}") is not None:
             manifest, size = _manifest(client, f"{delta_prefix}/{MANIFEST}", ref, version)
-            try:
-                files, transferred = _decode(client, delta_prefix, manifest, base[1])
-            except BundleError:
-                pass  # the base is not what the delta expects: the full bundle below
-            else:
-                return FetchedBundle(manifest, files, True, size + transferred)
+            if full_manifest is None or _same_content(manifest, full_manifest):
+                try:
+                    files, transferred = _decode(client, delta_prefix, manifest, base[1])
+                except BundleError:
+                    pass  # the base is not what the delta expects: the full bundle below
+                else:
+                    return FetchedBundle(manifest, files, True, size + transferred)
+            # else: a delta that differs from the pinned manifest is ignored: the full bundle below
+    if full_manifest is not None:
+        wanted = (ref.namespace, ref.name, ref.device_class, version)
+        got = (
+            full_manifest.model.namespace,
+            full_manifest.model.name,
+            full_manifest.device_class,
+            full_manifest.version,
+        )
+        if got != wanted:
+            raise BundleVerificationError(f"the pinned manifest is for {got}, not {wanted}")
+        files, transferred = _decode(client, prefix, full_manifest, None)
+        return FetchedBundle(full_manifest, files, False, transferred)
     if client.target_info(f"{prefix}/{MANIFEST}") is None:
         raise VerificationError(prefix, "no such bundle in the signed targets")
     manifest, size = _manifest(client, f"{prefix}/{MANIFEST}", ref, version)

@@ -67,6 +67,7 @@ class FleetPki:
         common_name: str,
         sans: list[x509.GeneralName],
         usage: x509.ObjectIdentifier,
+        validity: timedelta = timedelta(days=1),
     ) -> bytes:
         now = datetime.now(UTC)
         cert = (
@@ -76,14 +77,14 @@ class FleetPki:
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(days=1))
+            .not_valid_after(now + validity)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .sign(self.ca_key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.PEM)
 
-    def sign_csr(self, csr_pem: bytes, device_id: str) -> bytes:
+    def sign_csr(self, csr_pem: bytes, device_id: str, validity: timedelta = timedelta(days=1)) -> bytes:
         csr = x509.load_pem_x509_csr(csr_pem)
         public_key = csr.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
@@ -92,6 +93,7 @@ class FleetPki:
             device_id,
             [x509.UniformResourceIdentifier(f"urn:test:{device_id}")],
             ExtendedKeyUsageOID.CLIENT_AUTH,
+            validity,
         )
 
     def device_credentials(self, device_id: str = "default.dev-1") -> DeviceCredentials:
@@ -120,6 +122,12 @@ class Faults:
     """End the stream OK, without the eof chunk, after the first chunk (first request only)."""
     report_install_failures: int = 0
     """ReportInstall answers UNAVAILABLE this many times first."""
+    stall_after: dict[str, int] = field(default_factory=dict)
+    """Stop sending (without ending the stream) after this many bytes of the file (first request only)."""
+    empty_chunks: set[str] = field(default_factory=set)
+    """Send empty chunks that are not the eof chunk, without end."""
+    renew_failures: int = 0
+    """Renew answers UNAVAILABLE this many times first."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,12 @@ class FakeGateway(fleet_pb2_grpc.FleetGatewayServicer):
         self.namespace = "default"
         self.device_class = "cpu-small"
         self.hints = fleet_pb2.GatewayHints()
+        self.enroll_validity = timedelta(days=1)
+        """Lifetime of certificates issued by Enroll (they start a minute in the past)."""
+        self.renew_validity = timedelta(days=1)
+        self.renewals: list[fleet_pb2.RenewRequest] = []
+        self.peers: list[str] = []
+        """Common name of the client certificate of each WatchAssignments call."""
 
     def push(self, assignment: fleet_pb2.Assignment) -> None:
         self.assignments.append(assignment)
@@ -159,21 +173,38 @@ class FakeGateway(fleet_pb2_grpc.FleetGatewayServicer):
         if request.bootstrap_token != TOKEN:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bootstrap token refused")
         device_id = f"{self.namespace}.{request.device_name}"
+        return self._issued(request.csr_pem, device_id, self.enroll_validity)
+
+    def _issued(self, csr_pem: str, device_id: str, validity: timedelta) -> fleet_pb2.EnrollResponse:
+        certificate = self.pki.sign_csr(csr_pem.encode(), device_id, validity)
         response = fleet_pb2.EnrollResponse(
-            certificate_chain_pem=self.pki.sign_csr(request.csr_pem.encode(), device_id).decode(),
+            certificate_chain_pem=certificate.decode(),
             ca_bundle_pem=self.pki.ca_pem.decode(),
             device_id=device_id,
             namespace=self.namespace,
             device_class=self.device_class,
             hints=self.hints,
         )
-        response.certificate_not_after.FromDatetime(datetime.now(UTC) + timedelta(days=1))
+        response.certificate_not_after.FromDatetime(x509.load_pem_x509_certificate(certificate).not_valid_after_utc)
         return response
+
+    async def Renew(
+        self, request: fleet_pb2.RenewRequest, context: aio.ServicerContext[Any, Any]
+    ) -> fleet_pb2.EnrollResponse:
+        device_id = _peer_name(context)
+        if not device_id:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        if self.faults.renew_failures > 0:
+            self.faults.renew_failures -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "try later")
+        self.renewals.append(request)
+        return self._issued(request.csr_pem, device_id, self.renew_validity)
 
     async def WatchAssignments(
         self, request: fleet_pb2.WatchAssignmentsRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[fleet_pb2.Assignment]:
         self.watches.append(request)
+        self.peers.append(_peer_name(context))
         sent = 0
         while True:
             for assignment in self.assignments[sent:]:
@@ -225,11 +256,9 @@ class FakeGateway(fleet_pb2_grpc.FleetGatewayServicer):
     ) -> AsyncIterator[fleet_pb2.Chunk]:
         first = not any(call.path == path for call in self.fetches)
         self.fetches.append(FetchCall(method, path, offset, max_length))
-        if path in self.faults.endless:
-            position = offset
-            while True:
-                yield fleet_pb2.Chunk(offset=position, data=b"x" * self.chunk_bytes, total_length=max_length)
-                position += self.chunk_bytes
+        if path in self.faults.empty_chunks or path in self.faults.endless:
+            async for chunk in self._junk(path, offset, max_length):
+                yield chunk
         data = self.files.get(path)
         if data is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{path} not found")
@@ -243,6 +272,9 @@ class FakeGateway(fleet_pb2_grpc.FleetGatewayServicer):
             drop = self.faults.drop_after.get(path)
             if first and drop is not None and position >= drop:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway going away")
+            stall = self.faults.stall_after.get(path)
+            if first and stall is not None and position >= stall:
+                await asyncio.Event().wait()  # hangs without closing: until the client cancels
             if piece and ((first and path in self.faults.corrupt_once) or path in self.faults.corrupt_always):
                 piece = bytes([piece[0] ^ 0xFF]) + piece[1:]
                 first = first and path not in self.faults.corrupt_once
@@ -254,6 +286,20 @@ class FakeGateway(fleet_pb2_grpc.FleetGatewayServicer):
             if first and path in self.faults.no_eof:
                 return
             position = end
+
+    async def _junk(self, path: str, offset: int, max_length: int) -> AsyncIterator[fleet_pb2.Chunk]:
+        """Chunks without end: empty ones (``empty_chunks``) or data past any limit (``endless``)."""
+        step = 0 if path in self.faults.empty_chunks else self.chunk_bytes
+        position = offset
+        while True:
+            yield fleet_pb2.Chunk(offset=position, data=b"x" * step, total_length=max_length)
+            position += step
+            await asyncio.sleep(0)
+
+
+def _peer_name(context: aio.ServicerContext[Any, Any]) -> str:
+    names = list(context.auth_context().get("x509_common_name", []))
+    return names[0].decode() if names else ""
 
 
 @dataclass

@@ -7,16 +7,18 @@ import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
 from edgefleet_agent.assignments import AssignmentSpec, InstallResult
 from edgefleet_agent.cli import app
-from edgefleet_agent.daemon import Agent, AgentConfigError, AgentSettings, Components, StoppableServer
+from edgefleet_agent.daemon import Agent, AgentConfigError, AgentSettings, Components, Progress, StoppableServer
 from edgefleet_agent.identity import DeviceIdentity, EnrollmentError
 from edgefleet_agent.runtime import ModelWindowStats
 from edgefleet_core.signing.client import TufClient
@@ -36,20 +38,27 @@ class FakeUpdater:
     """Per revision, (outcome, reason) of successive attempts; default succeeded."""
     active: dict[tuple[str, str], str] = field(default_factory=dict)
     recovered: list[InstallResult] = field(default_factory=list)
+    raise_on: set[int] = field(default_factory=set)
+    """Revisions whose apply raises (a bug in the install path)."""
 
     def recover(self) -> list[InstallResult]:
         return self.recovered
 
     def apply(self, assignment: AssignmentSpec, cancelled: Callable[[], bool]) -> InstallResult:
         self.applied.append(assignment)
+        if assignment.revision in self.raise_on:
+            raise KeyError("boom")
         outcome, reason = "succeeded", "Installed"
+        if assignment.action == "remove":
+            self.active.pop((assignment.model_namespace, assignment.model_name), None)
+            reason = "Removed"
         if assignment.revision in self.hold:
             while not cancelled():
                 threading.Event().wait(0.01)
             outcome, reason = "failed", "Superseded"
         elif self.outcomes.get(assignment.revision):
             outcome, reason = self.outcomes[assignment.revision].pop(0)
-        if outcome == "succeeded":
+        if outcome == "succeeded" and assignment.action != "remove":
             self.active[(assignment.model_namespace, assignment.model_name)] = assignment.version
         result = InstallResult(
             revision=assignment.revision,
@@ -324,3 +333,87 @@ def test_run_without_identity_or_token_exits_with_a_clear_error(world: World) ->
     assert result.exit_code == 1
     assert "--token" in result.output
     assert CliRunner().invoke(app, [*args, "--label", "nonsense"]).exit_code == 2
+
+
+@pytest.mark.asyncio
+async def test_an_install_that_raises_is_reported_and_the_agent_keeps_running(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.updater.raise_on.add(1)
+    agent = world.agent()
+    task, _ = await started(agent)
+    gateway = world.running.gateway
+    gateway.push(_assignment(1))
+    gateway.push(_assignment(2, model="other"))
+    await until(lambda: len(gateway.installs) == 2)
+    failed = gateway.installs[0]
+    assert (failed.assignment_revision, failed.outcome, failed.reason) == (
+        1,
+        fleet_pb2.INSTALL_OUTCOME_FAILED,
+        "InternalError",
+    )
+    assert failed.failed_phase != fleet_pb2.INSTALL_PHASE_UNSPECIFIED
+    assert "KeyError" in failed.message
+    assert "Traceback" in caplog.text
+    assert not task.done()
+    await stopped(agent, task)
+
+
+@pytest.mark.asyncio
+async def test_a_remove_for_a_held_model_is_applied_whatever_its_revision(world: World) -> None:
+    world.updater.active[("vision", "digits")] = "1.0.0"
+    world.updater.active[("vision", "other")] = "1.0.0"
+    agent = world.agent()
+    task, _ = await started(agent)
+    gateway = world.running.gateway
+    gateway.push(_assignment(5, model="other"))
+    await until(lambda: _last_revision(world) == 5)
+    # A removal synthesized by the gateway with an older revision: still applied, the model is held.
+    gateway.push(_assignment(3, action=fleet_pb2.ASSIGNMENT_ACTION_REMOVE))
+    await until(lambda: ("vision", "digits") not in world.updater.active)
+    # Not held any more: the same removal again is a duplicate.
+    gateway.push(_assignment(3, action=fleet_pb2.ASSIGNMENT_ACTION_REMOVE))
+    gateway.push(_assignment(6, model="other", version="2.0.0"))
+    await until(lambda: _last_revision(world) == 6)
+    assert [(a.revision, a.action) for a in world.updater.applied] == [(5, "install"), (3, "remove"), (6, "install")]
+    await stopped(agent, task)
+
+
+def test_progress_takes_an_old_remove_only_for_a_held_model(tmp_path: Path) -> None:
+    progress = Progress(tmp_path)
+    spec = AssignmentSpec(7, "vision", "digits", "1.0.0", "install", ("p",), SHA, 1)
+    assert progress.accept(spec)
+    progress.finish(spec)
+    remove = AssignmentSpec(3, "vision", "digits", "", "remove", (), "", 0)
+    assert not progress.accept(remove)
+    assert progress.accept(remove, held=True)
+
+
+@pytest.mark.asyncio
+async def test_the_certificate_is_renewed_and_the_loops_reconnect_with_it(world: World) -> None:
+    gateway = world.running.gateway
+    gateway.enroll_validity = timedelta(seconds=5)  # with the minute of back-dating: past 2/3 at once
+    gateway.faults.renew_failures = 1
+    agent = world.agent()
+    identity_dir = world.settings.state_dir / "identity"
+    task, _ = await started(agent)
+    enrolled_cert = (identity_dir / "cert.pem").read_bytes()
+    await until(lambda: agent.renewals == 1)
+    assert len(gateway.renewals) == 1
+    renewed_cert = (identity_dir / "cert.pem").read_bytes()
+    assert renewed_cert != enrolled_cert
+    key = serialization.load_pem_private_key((identity_dir / "key.pem").read_bytes(), password=None)
+    leaf = x509.load_pem_x509_certificate(renewed_cert)
+    assert leaf.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+    assert (identity_dir / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert not (identity_dir / "renewal.json").exists()
+    stored = json.loads((identity_dir / "identity.json").read_text())
+    assert datetime.fromisoformat(stored["not_after"]) == leaf.not_valid_after_utc
+    # The watch comes back on the new channel, and the other loops keep working.
+    watches = len(gateway.watches)
+    await until(lambda: len(gateway.watches) > watches or watches >= 2)
+    health = len(gateway.health)
+    await until(lambda: len(gateway.health) > health)
+    gateway.push(_assignment(1))
+    await until(lambda: gateway.installs)
+    await stopped(agent, task)

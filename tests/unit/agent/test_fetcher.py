@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest_asyncio
 from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError, LengthOrHashMismatchError
 
 from edgefleet_agent.connection import secure_channel
-from edgefleet_agent.fetcher import GrpcTufFetcher
+from edgefleet_agent.fetcher import DOWNLOADS_DIR, PARTIAL_MAX_AGE_S, GrpcTufFetcher, clean_partials
 from edgefleet_core.errors import VerificationError
 from edgefleet_core.signing import KeySet, TufClient, TufRepository
 from edgefleet_core.store.local import LocalStore
@@ -216,3 +219,55 @@ async def test_ngclient_verifies_a_real_repository_through_the_fetcher(pki: Flee
 def test_the_fetcher_refuses_nonsense_settings(tmp_path: Path) -> None:
     with grpc.insecure_channel("127.0.0.1:1") as channel, pytest.raises(ValueError, match="max_attempts"):
         GrpcTufFetcher(channel, tmp_path, max_attempts=0)
+
+
+@pytest.mark.asyncio
+async def test_empty_chunks_that_are_not_the_end_are_refused(
+    running: RunningGateway, make_fetcher: Callable[..., GrpcTufFetcher]
+) -> None:
+    running.gateway.faults.empty_chunks.add(TARGET_FILE)
+    with pytest.raises(DownloadError, match="empty chunk"):
+        await asyncio.to_thread(make_fetcher().download_bytes, URL, len(TARGET_BYTES))
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_stream_is_cancelled_and_resumed(
+    running: RunningGateway, make_fetcher: Callable[..., GrpcTufFetcher]
+) -> None:
+    running.gateway.faults.stall_after[TARGET_FILE] = 2000
+    fetcher = make_fetcher(idle_timeout=0.3)
+    data = await asyncio.wait_for(asyncio.to_thread(fetcher.download_bytes, URL, len(TARGET_BYTES)), 10)
+    assert data == TARGET_BYTES
+    assert _offsets(running) == [0, 2000]
+
+
+@pytest.mark.asyncio
+async def test_a_stop_cancels_a_stalled_call_promptly(
+    running: RunningGateway, make_fetcher: Callable[..., GrpcTufFetcher]
+) -> None:
+    running.gateway.faults.stall_after[TARGET_FILE] = 1000
+    stop = threading.Event()
+    fetcher = make_fetcher(stop=stop.is_set)  # the idle timeout (30 s) is far away
+    fetch = asyncio.create_task(asyncio.to_thread(fetcher.download_bytes, URL, len(TARGET_BYTES)))
+    deadline = asyncio.get_running_loop().time() + 10
+    while not _offsets(running) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    stop.set()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(DownloadError, match="stopped"):
+        await asyncio.wait_for(fetch, 5)
+    assert asyncio.get_running_loop().time() - started < 2
+
+
+def test_clean_partials_removes_old_or_all(tmp_path: Path) -> None:
+    downloads = tmp_path / DOWNLOADS_DIR
+    downloads.mkdir()
+    old, new, other = downloads / "old.part", downloads / "new.part", downloads / "keep.txt"
+    for path in (old, new, other):
+        path.write_bytes(b"x")
+    os.utime(old, (time.time() - PARTIAL_MAX_AGE_S - 10,) * 2)
+    assert clean_partials(tmp_path, older_than=PARTIAL_MAX_AGE_S) == ["old.part"]
+    assert clean_partials(tmp_path) == ["new.part"]
+    assert other.exists()
+    assert clean_partials(tmp_path / "missing") == []

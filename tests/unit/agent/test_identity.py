@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import stat
 from collections.abc import AsyncIterator
@@ -17,17 +18,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.duration_pb2 import Duration
 
 from edgefleet_agent.identity import (
+    DeviceIdentity,
     EnrollmentError,
     GatewayHints,
     HardwareFacts,
     IdentityError,
     IdentityStore,
+    certificate_signing_request,
     cpu_cores,
     cpu_features,
     enroll,
     measure_hardware,
     memory_bytes,
+    new_key,
     read_token,
+    renewal_due,
+    renewed_identity,
 )
 from edgefleet_proto.v1 import fleet_pb2
 from tests.unit.agent.fake_gateway import TOKEN, FakeGateway, FleetPki, RunningGateway, start_gateway
@@ -182,3 +188,73 @@ def test_the_token_comes_from_one_place(tmp_path: Path) -> None:
         read_token(None, token_file)
     with pytest.raises(ValueError, match="cannot read"):
         read_token(None, tmp_path / "missing")
+
+
+def _enrolled_identity(tmp_path: Path, pki: FleetPki) -> tuple[IdentityStore, DeviceIdentity]:
+    store = IdentityStore(tmp_path)
+    credentials = pki.device_credentials("default.dev-1")
+    leaf = x509.load_pem_x509_certificate(credentials.certificate_chain_pem)
+    identity = DeviceIdentity("default.dev-1", "default", "cpu-small", "dev-1", leaf.not_valid_after_utc, credentials)
+    store.save(identity)
+    return store, identity
+
+
+def _renewed(pki: FleetPki, current: DeviceIdentity) -> DeviceIdentity:
+    key = new_key()
+    chain = pki.sign_csr(certificate_signing_request(key, "dev-1"), current.device_id)
+    response = fleet_pb2.EnrollResponse(
+        certificate_chain_pem=chain.decode(),
+        ca_bundle_pem=pki.ca_pem.decode(),
+        device_id=current.device_id,
+        namespace=current.namespace,
+        device_class=current.device_class,
+    )
+    return renewed_identity(response, key, current)
+
+
+def test_a_renewal_interrupted_after_its_journal_is_finished_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pki = FleetPki()
+    store, identity = _enrolled_identity(tmp_path, pki)
+    renewed = _renewed(pki, identity)
+    assert renewal_due(identity) < identity.not_after
+
+    def crash(*args: object) -> None:
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(IdentityStore, "save", crash)  # dies right after the journal is durable
+    with pytest.raises(SystemExit):
+        store.save_renewed(renewed)
+    monkeypatch.undo()
+    assert (store.directory / "renewal.json").stat().st_mode & 0o777 == 0o600
+    loaded = store.load()
+    assert loaded is not None
+    assert loaded.credentials.key_pem == renewed.credentials.key_pem
+    assert loaded.credentials.certificate_chain_pem == renewed.credentials.certificate_chain_pem
+    assert not (store.directory / "renewal.json").exists()
+
+
+def test_a_renewal_that_never_became_durable_leaves_the_old_pair(tmp_path: Path) -> None:
+    pki = FleetPki()
+    store, identity = _enrolled_identity(tmp_path, pki)
+    renewed = _renewed(pki, identity)
+    # A journal whose key is not the certificate's (cannot happen from save_renewed; a hand edit):
+    (store.directory / "renewal.json").write_text(
+        json.dumps(
+            {
+                "key_pem": identity.credentials.key_pem.decode(),
+                "certificate_chain_pem": renewed.credentials.certificate_chain_pem.decode(),
+                "ca_pem": pki.ca_pem.decode(),
+                "not_after": renewed.not_after.isoformat(),
+            }
+        )
+    )
+    loaded = store.load()
+    assert loaded is not None
+    assert loaded.credentials == identity.credentials
+    assert not (store.directory / "renewal.json").exists()
+    store.save_renewed(renewed)
+    after = store.load()
+    assert after is not None
+    assert after.credentials == renewed.credentials

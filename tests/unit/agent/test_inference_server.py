@@ -156,3 +156,51 @@ async def test_unix_socket(tmp_path: object) -> None:
         assert response.model_version == "1.0.0"
     finally:
         await server.stop(None)
+
+
+@pytest.mark.asyncio
+async def test_an_unexpected_failure_is_internal_with_a_generic_message(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = ModelRuntime()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret detail /etc/passwd")
+
+    monkeypatch.setattr(runtime, "predict", broken)
+    server, port = await start_inference_server(runtime, NS, "127.0.0.1:0")
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        with pytest.raises(aio.AioRpcError) as refused:
+            await stub.Predict(request(request_id="r1", input=INPUT))
+        assert refused.value.code() == grpc.StatusCode.INTERNAL
+        assert "secret" not in (refused.value.details() or "")
+        answers = [r async for r in stub.PredictStream(iter([request(request_id="s1", input=INPUT)]))]
+        assert [(a.request_id, a.error.code) for a in answers] == [("s1", grpc.StatusCode.INTERNAL.value[0])]
+        assert "secret" not in answers[0].error.message
+    await server.stop(None)
+    assert "secret detail" in caplog.text
+
+
+def test_a_stream_budget_pauses_the_reader_until_requests_finish() -> None:
+    import asyncio
+
+    from edgefleet_agent.inference_server import _Budget
+
+    async def scenario() -> list[str]:
+        budget = _Budget(10)
+        events: list[str] = []
+        budget.take(10)
+
+        async def reader() -> None:
+            await budget.wait_for_room()
+            events.append("read")
+
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0.01)
+        events.append("released")
+        budget.give(4)
+        await task
+        return events
+
+    assert asyncio.run(scenario()) == ["released", "read"]

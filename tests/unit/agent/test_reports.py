@@ -165,3 +165,20 @@ def test_a_malformed_assignment_is_skipped_with_a_log_line(
     with caplog.at_level(logging.WARNING):
         assert assignment_spec(_assignment(**fields)) is None
     assert problem in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "accepted"), [("digits", True), ("resnet.v2-int8", True), ("a..b", False), ("A", False)]
+)
+def test_model_names_are_dns_subdomains(name: str, accepted: bool) -> None:
+    message = fleet_pb2.Assignment(
+        revision=1,
+        model_namespace="vision",
+        model_name=name,
+        version="1.0.0",
+        action=fleet_pb2.ASSIGNMENT_ACTION_INSTALL,
+        target_paths=[f"cpu-small/vision/{name}/1.0.0/manifest.json"],
+        bundle_sha256="ab" * 32,
+        bundle_length=1,
+    )
+    assert (assignment_spec(message) is not None) == accepted

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 from edgefleet_agent.errors import InvalidTensors, ModelLoadError, ModelNotReady, UnknownModel
 from edgefleet_agent.runtime import LoadedModel, ModelRuntime
@@ -155,3 +156,41 @@ def test_a_missing_accelerator_degrades_to_the_cpu() -> None:
     assert (status.state, status.execution_providers) == ("degraded", ("CPUExecutionProvider",))
     [window] = runtime.drain_windows()
     assert window.accelerator_fallback_count == 1
+
+
+def _identity(inp: str, out: str) -> bytes:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [inp], [out])],
+        "g",
+        [helper.make_tensor_value_info(inp, TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_tail_input_the_head_does_not_produce_is_invalid_tensors_not_a_crash() -> None:
+    runtime = ModelRuntime()
+    loaded = runtime.load("demo", "m", "1.0.0", {"head.onnx": _identity("x", "h"), "tail.onnx": _identity("zz", "y")})
+    failure = runtime.self_test(loaded, None)
+    assert failure is not None
+    assert failure.reason == "SelfTestOutputs"
+    assert "no value for inputs ['zz']" in failure.message
+    runtime.activate(loaded)
+    with pytest.raises(InvalidTensors, match="zz"):
+        runtime.predict("m", {"x": np.zeros((1, 2), np.float32)}, namespace="demo")
+
+
+def test_the_previous_version_is_dropped_when_its_slot_is_overwritten() -> None:
+    runtime = ModelRuntime()
+    files = {"model.onnx": _identity("x", "y")}
+    runtime.activate(runtime.load("demo", "m", "1.0.0", files, slot="a"))
+    runtime.activate(runtime.load("demo", "m", "2.0.0", files, slot="b"))
+    assert runtime.status("demo", "m")[0].previous_version == "1.0.0"
+    runtime.forget_slot("demo", "m", "b")  # not the previous one's slot
+    assert runtime.status("demo", "m")[0].previous_version == "1.0.0"
+    runtime.forget_slot("demo", "m", "a")
+    assert runtime.status("demo", "m")[0].previous_version == ""
+    with pytest.raises(ModelNotReady):
+        runtime.predict("m", {"x": np.zeros((1, 2), np.float32)}, version="1.0.0", namespace="demo")

@@ -12,8 +12,9 @@ import pytest
 import edgefleet_agent.updater as updater_module
 from edgefleet_agent.assignments import InstallResult
 from edgefleet_agent.runtime import ModelRuntime
-from edgefleet_agent.slots import SlotPointer, SlotStore, Trial
+from edgefleet_agent.slots import ModelSlots, SlotPointer, SlotStore, Trial
 from edgefleet_agent.updater import CRASH_LOOP_ATTEMPTS, Updater
+from edgefleet_core.bundle.distribution import BuiltBundle, BundleRef, build_bundles, publish_bundles
 from edgefleet_core.bundle.selftest import make_self_test
 from tests.unit.agent.bundle_world import MODEL, NAMESPACE, BundleWorld, model_bytes
 
@@ -271,3 +272,111 @@ def test_recover_falls_back_when_the_active_slot_is_corrupt(world: BundleWorld, 
     assert status.state == "unavailable"
     ok(broken.apply(world.assignment("2.0.0", 3)))
     assert serving(broken) == "2.0.0"
+
+
+# --- review fixes: unexpected errors, phases, pinned manifests, lock-free reads ------------------
+
+
+def test_an_unexpected_self_test_error_rolls_back_and_keeps_the_crash_counter(
+    world: BundleWorld, updater: Updater, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(*args: object, **kwargs: object) -> None:
+        raise KeyError("zz")
+
+    monkeypatch.setattr(updater.runtime, "self_test", explode)
+    for attempt in range(CRASH_LOOP_ATTEMPTS):
+        result = updater.apply(world.assignment("1.0.0", 7))
+        assert (result.outcome, result.reason, result.failed_phase) == ("rolled_back", "SelfTestError", "self_test")
+        assert "KeyError" in result.message
+        attempts = json.loads((state / updater_module.ATTEMPTS_FILE).read_text())["attempts"]
+        assert attempts == {f"{NAMESPACE}/{MODEL}@7": attempt + 1}
+    result = updater.apply(world.assignment("1.0.0", 7))
+    assert (result.outcome, result.reason, result.failed_phase) == ("failed", "CrashLoop", "self_test")
+    assert updater.installed() == []
+
+
+def test_every_failure_names_a_phase(world: BundleWorld, updater: Updater) -> None:
+    import dataclasses
+
+    huge = dataclasses.replace(world.assignment("1.0.0", 1), bundle_length=1 << 62)
+    bad_name = dataclasses.replace(world.assignment("1.0.0", 2), model_name="..")
+    superseded = updater.apply(world.assignment("1.0.0", 3), cancelled=lambda: True)
+    for result in (updater.apply(huge), updater.apply(bad_name), superseded):
+        assert result.outcome == "failed"
+        assert result.failed_phase == "download", result
+
+
+def test_a_state_write_failure_names_the_decode_phase(
+    world: BundleWorld, updater: Updater, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ModelSlots, "write_slot", full)
+    result = updater.apply(world.assignment("1.0.0", 1))
+    assert (result.outcome, result.reason, result.failed_phase) == ("failed", "OutOfSpace", "decode")
+
+
+def test_a_delta_whose_manifest_differs_from_the_pinned_one_is_not_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    made = BundleWorld(tmp_path / "world")
+    made.publish("1.0.0", {"model.onnx": model_bytes(0)})
+    files = {"model.onnx": model_bytes(1)}
+    ref = BundleRef(NAMESPACE, MODEL, "cpu-small")
+
+    def build(test: object) -> list[BuiltBundle]:
+        return build_bundles(
+            files, ref, "2.0.0", variant_id="ab" * 32, lineage={}, recipe=[], metrics={},
+            base=("1.0.0", made.published["1.0.0"]), self_test=test,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    honest, other = build(make_self_test(files)), build(None)
+    assert len(honest) == len(other) == 2
+    # Signed, but its delta manifest carries another self-test than the full manifest the assignment pins.
+    publish_bundles(made.repo, [honest[0], other[1]])
+    made.published["2.0.0"] = files
+    state = tmp_path / "state"
+    updater = make_updater(made, state)
+    ok(updater.apply(made.assignment("1.0.0", 1)))
+    with caplog.at_level(logging.INFO, logger="edgefleet_agent.updater"):
+        ok(updater.apply(made.assignment("2.0.0", 2)))
+    assert "fetched in full" in caplog.text
+    assert "fetched a delta" not in caplog.text
+    assert SlotStore(state / "models").model(NAMESPACE, MODEL).manifest("b") == honest[0].manifest
+
+
+def test_a_matching_delta_is_still_used(world: BundleWorld, updater: Updater, caplog: pytest.LogCaptureFixture) -> None:
+    ok(updater.apply(world.assignment("1.0.0", 1)))
+    with caplog.at_level(logging.INFO, logger="edgefleet_agent.updater"):
+        ok(updater.apply(world.assignment("2.0.0", 2)))
+    assert "fetched a delta" in caplog.text
+
+
+def test_installed_does_not_wait_for_an_apply_in_progress(world: BundleWorld, updater: Updater) -> None:
+    import threading
+
+    ok(updater.apply(world.assignment("1.0.0", 1)))
+    answer: list[list[tuple[str, str, str]]] = []
+    with updater._lock:  # an apply holds it for its whole length
+        reader = threading.Thread(target=lambda: answer.append(updater.installed()))
+        reader.start()
+        reader.join(5)
+    assert answer == [[(NAMESPACE, MODEL, "1.0.0")]]
+
+
+def test_transport_and_verification_failures_are_told_apart_by_type() -> None:
+    from tuf.api.exceptions import DownloadError, DownloadLengthMismatchError, UnsignedMetadataError
+
+    from edgefleet_core.errors import VerificationError
+
+    def classify(cause: Exception | None) -> tuple[str, str]:
+        error = VerificationError("x", "DownloadError: looks like transport")
+        error.__cause__ = cause
+        failure = updater_module._verification_failure(error, "verify")
+        return failure.outcome, failure.reason
+
+    assert classify(DownloadError("gone")) == ("failed", "DownloadFailed")
+    assert classify(DownloadLengthMismatchError("long")) == ("refused_verification", "DownloadLengthMismatchError")
+    assert classify(UnsignedMetadataError("bad")) == ("refused_verification", "UnsignedMetadataError")
+    assert classify(None) == ("refused_verification", "NotPublished")
