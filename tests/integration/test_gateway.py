@@ -248,6 +248,10 @@ async def test_renew_over_mtls_retires_the_old_certificate(site: Site, gateway: 
         response = await _stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=csr), timeout=10)
         assert (response.device_id, response.namespace, response.device_class) == ("demo.cam-1", "demo", "cpu-small")
         assert response.ca_bundle_pem.encode() == site.ca_pem
+        # Until the new certificate is in use the old one stays accepted (the response may be lost).
+        await _stub(channel).ReportHealth(_report(), timeout=10)
+    site.clock.offset = timedelta(hours=25)  # past the renewal grace
+    async with _channel(gateway.fleet_address, site.ca_pem, old) as channel:
         # The old certificate still completes the handshake (same CA) but is no longer the device's.
         assert await _code(_stub(channel).ReportHealth(_report(), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
         assert await _code(_stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=csr), timeout=10)) == (
@@ -260,7 +264,7 @@ async def test_renew_over_mtls_retires_the_old_certificate(site: Site, gateway: 
         code = await _code(_stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=csr), timeout=10))
         assert code == grpc.StatusCode.UNAUTHENTICATED
     site.fleet.revoke_device("demo", "cam-1")
-    site.clock.offset = timedelta(seconds=1)  # past the gateway's identity cache time
+    site.clock.offset = timedelta(hours=25, seconds=1)  # past the gateway's identity cache time
     async with _channel(gateway.fleet_address, site.ca_pem, new) as channel:
         code = await _code(_stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=_csr()[1]), timeout=10))
         assert code == grpc.StatusCode.PERMISSION_DENIED

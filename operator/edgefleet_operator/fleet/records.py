@@ -13,7 +13,7 @@ and whose ``last_window`` lists the models served.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Final, Literal, Self
 
 from pydantic import (
@@ -128,19 +128,25 @@ class DeviceRecord(FleetRecord):
     hardware: dict[str, JsonValue]
     agent_version: str
     cert_serial: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{1,40}$")]
-    """Serial of the device's current certificate, lowercase hex; any other serial is refused."""
+    """Serial of the device's current certificate, lowercase hex."""
     cert_not_after: UtcDatetime
+    previous_cert_serial: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{1,40}$")] | None = None
+    """Serial the last renewal replaced; still accepted until ``renewed_at`` + the renewal grace,
+    so a device whose Renew response was lost is not locked out."""
+    renewed_at: UtcDatetime | None = None
     revoked: bool = False
     enrolled_at: UtcDatetime
 
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_legacy_status(cls, data: object) -> object:
-        # Records written before the status field was removed carry ``"status": null`` (it was never
-        # set); they stay readable. A status with content is still refused as an unknown field.
-        if isinstance(data, dict) and "status" in data and data["status"] is None:
-            return {k: v for k, v in data.items() if k != "status"}
-        return data
+    def accepts(self, serial: str, now: datetime, renewal_grace: timedelta) -> bool:
+        """Whether a certificate with ``serial`` is this device's: the current one, or the one the
+        last renewal replaced while its grace lasts. Revocation is judged separately."""
+        if serial == self.cert_serial:
+            return True
+        return (
+            serial == self.previous_cert_serial
+            and self.renewed_at is not None
+            and now - self.renewed_at < renewal_grace
+        )
 
     @model_validator(mode="after")
     def _id_is_namespace_dot_name(self) -> Self:

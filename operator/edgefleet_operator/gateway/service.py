@@ -229,6 +229,9 @@ class ServicePolicy:
     """Largest delay of an agent's reconnect backoff."""
     status_interval: timedelta = timedelta(seconds=10)
     """Health records are written at most this often per device."""
+    renewal_grace: timedelta = timedelta(hours=24)
+    """How long the certificate a renewal replaced is still accepted (a lost Renew response must
+    not lock the device out); revocation ends it at once."""
     identity_cache_ttl: timedelta = timedelta(seconds=30)
     """How long a device record read for authentication is trusted: a revocation (or a certificate
     superseded on another replica) bites within this time. Longer means fewer store reads per call."""
@@ -694,18 +697,36 @@ class GatewayService:
             record = self._fleet.get_device(identity.namespace, identity.name)
         except (FleetError, StoreError) as e:
             raise Unavailable(f"cannot look up device {identity.device_id}: {e}") from e
-        if record is None or record.cert_serial != identity.serial or record.device_class != identity.device_class:
+        now = self._clock()
+        if (
+            record is None
+            or not record.accepts(identity.serial, now, self.policy.renewal_grace)
+            or record.device_class != identity.device_class
+        ):
             raise Unauthenticated("unknown certificate: not the current enrollment of this device")
         if record.revoked:
             raise PermissionDenied(f"device {identity.device_id} is revoked")
         issued = self._sign(csr_pem, record.namespace, record.device_class, record.name)
-        renewed = record.model_copy(update={"cert_serial": issued.serial, "cert_not_after": issued.not_after})
+        # Renewing from the current certificate keeps it as the previous one for the grace period;
+        # renewing again from the previous one (the first response was lost) replaces the unused new one.
+        previous = record.cert_serial if identity.serial == record.cert_serial else record.previous_cert_serial
+        renewed = record.model_copy(
+            update={
+                "cert_serial": issued.serial,
+                "cert_not_after": issued.not_after,
+                "previous_cert_serial": previous,
+                "renewed_at": now,
+            }
+        )
         try:
             self._fleet.put_device(renewed)
         except (FleetError, StoreError) as e:
             raise Unavailable(f"cannot record the renewed certificate: {e}") from e
         self._remember(renewed)
-        self._supersede(identity.serial)
+        if identity.serial != record.cert_serial:
+            # Renewed again from the previous certificate: the one the lost response carried was
+            # never used and is refused from now on.
+            self._supersede(record.cert_serial)
         logger.info("[%s/%s] renewed (serial %s -> %s)", record.namespace, record.name, identity.serial, issued.serial)
         return self._result(renewed, issued)
 
@@ -744,7 +765,7 @@ class GatewayService:
         verdict: DeviceRecord | Unauthenticated = (
             record
             if record is not None
-            and record.cert_serial == identity.serial
+            and record.accepts(identity.serial, self._clock(), self.policy.renewal_grace)
             and record.device_class == identity.device_class
             else Unauthenticated("unknown certificate: not the current enrollment of this device")
         )
@@ -753,13 +774,14 @@ class GatewayService:
         self._auth[identity.serial] = (verdict, self._clock())
         return self._judge(identity, verdict)
 
-    @staticmethod
-    def _judge(identity: DeviceIdentity, verdict: DeviceRecord | Unauthenticated) -> DeviceRecord:
+    def _judge(self, identity: DeviceIdentity, verdict: DeviceRecord | Unauthenticated) -> DeviceRecord:
         if isinstance(verdict, Unauthenticated):
             raise Unauthenticated(str(verdict))
-        if (verdict.cert_serial, verdict.device_class, verdict.namespace, verdict.name) != (
-            identity.serial, identity.device_class, identity.namespace, identity.name,
-        ):  # fmt: skip
+        if not verdict.accepts(identity.serial, self._clock(), self.policy.renewal_grace) or (
+            verdict.device_class,
+            verdict.namespace,
+            verdict.name,
+        ) != (identity.device_class, identity.namespace, identity.name):
             raise Unauthenticated("unknown certificate: not the current enrollment of this device")
         if verdict.revoked:
             raise PermissionDenied(f"device {identity.device_id} is revoked")

@@ -88,8 +88,10 @@ class FleetGatewayServicer:
     def Renew(self, request, context):
         """Issues a new certificate for the calling device, same identity, for a new key the device
         generated: called over mTLS with the current, still valid certificate before it expires (the
-        agent renews at about two thirds of its lifetime). The old certificate stops being accepted
-        once the new one is issued. Revoked devices are refused (PERMISSION_DENIED).
+        agent renews at about two thirds of its lifetime). The old certificate stays accepted for a
+        grace period (24 h by default) so that a lost response does not lock the device out: renewing
+        again from it replaces the certificate nobody received. Revoked devices are refused
+        (PERMISSION_DENIED); revocation ends the grace at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -62,8 +62,10 @@ class FleetGatewayStub:
     Renew: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.RenewRequest, _fleet_pb2.EnrollResponse]
     """Issues a new certificate for the calling device, same identity, for a new key the device
     generated: called over mTLS with the current, still valid certificate before it expires (the
-    agent renews at about two thirds of its lifetime). The old certificate stops being accepted
-    once the new one is issued. Revoked devices are refused (PERMISSION_DENIED).
+    agent renews at about two thirds of its lifetime). The old certificate stays accepted for a
+    grace period (24 h by default) so that a lost response does not lock the device out: renewing
+    again from it replaces the certificate nobody received. Revoked devices are refused
+    (PERMISSION_DENIED); revocation ends the grace at once.
     """
     WatchAssignments: _grpc.UnaryStreamMultiCallable[_fleet_pb2.WatchAssignmentsRequest, _fleet_pb2.Assignment]
     """Streams the assignments (what to run) for the calling device, starting after
@@ -95,8 +97,10 @@ class FleetGatewayAsyncStub(FleetGatewayStub):
     Renew: _aio.UnaryUnaryMultiCallable[_fleet_pb2.RenewRequest, _fleet_pb2.EnrollResponse]  # type: ignore[assignment]
     """Issues a new certificate for the calling device, same identity, for a new key the device
     generated: called over mTLS with the current, still valid certificate before it expires (the
-    agent renews at about two thirds of its lifetime). The old certificate stops being accepted
-    once the new one is issued. Revoked devices are refused (PERMISSION_DENIED).
+    agent renews at about two thirds of its lifetime). The old certificate stays accepted for a
+    grace period (24 h by default) so that a lost response does not lock the device out: renewing
+    again from it replaces the certificate nobody received. Revoked devices are refused
+    (PERMISSION_DENIED); revocation ends the grace at once.
     """
     WatchAssignments: _aio.UnaryStreamMultiCallable[_fleet_pb2.WatchAssignmentsRequest, _fleet_pb2.Assignment]  # type: ignore[assignment]
     """Streams the assignments (what to run) for the calling device, starting after
@@ -137,8 +141,10 @@ class FleetGatewayServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_fleet_pb2.EnrollResponse, _abc.Awaitable[_fleet_pb2.EnrollResponse]]:
         """Issues a new certificate for the calling device, same identity, for a new key the device
         generated: called over mTLS with the current, still valid certificate before it expires (the
-        agent renews at about two thirds of its lifetime). The old certificate stops being accepted
-        once the new one is issued. Revoked devices are refused (PERMISSION_DENIED).
+        agent renews at about two thirds of its lifetime). The old certificate stays accepted for a
+        grace period (24 h by default) so that a lost response does not lock the device out: renewing
+        again from it replaces the certificate nobody received. Revoked devices are refused
+        (PERMISSION_DENIED); revocation ends the grace at once.
         """
 
     @_abc_1.abstractmethod

@@ -218,14 +218,6 @@ def test_naive_datetimes_are_refused_and_others_stored_as_utc() -> None:
     assert shifted.enrolled_at.tzinfo is UTC
 
 
-def test_a_legacy_null_status_is_read_and_any_other_status_refused() -> None:
-    data = _device().model_dump()
-    assert DeviceRecord.model_validate({**data, "status": None}) == _device()
-    assert DeviceRecord.model_validate_json(json.dumps({**data, "status": None}, default=str)) == _device()
-    with pytest.raises(ValueError, match="status"):
-        DeviceRecord.model_validate({**data, "status": {"last_seen": "2026-03-01T12:00:00Z", "models": []}})
-
-
 @pytest.mark.parametrize(("namespace", "name"), [("..", "x"), ("factory", "../x"), ("factory", "A"), ("", "x")])
 def test_names_that_are_not_labels_never_become_keys(fleet: FleetState, namespace: str, name: str) -> None:
     with pytest.raises(FleetInputError):

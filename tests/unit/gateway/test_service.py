@@ -315,7 +315,7 @@ def test_a_bad_csr_leaves_the_token_unspent(gw: Gateway) -> None:
 # ---------------------------------------------------------------------------------------- renewal
 
 
-def test_renew_issues_a_new_certificate_for_the_same_identity_and_retires_the_old(gw: Gateway) -> None:
+def test_renew_issues_a_new_certificate_and_keeps_the_old_one_for_the_grace(gw: Gateway) -> None:
     old = gw.enroll()
     gw.service.authenticate(old)  # cached as good
     result = gw.service.renew(old, csr_pem())
@@ -326,13 +326,33 @@ def test_renew_issues_a_new_certificate_for_the_same_identity_and_retires_the_ol
     record = gw.fleet.get_device("demo", "cam-1")
     assert record is not None
     assert (record.cert_serial, record.cert_not_after) == (new.serial, result.not_after)
+    assert record.previous_cert_serial == old.serial
     assert gw.service.authenticate(new).cert_serial == new.serial
+    # The response could have been lost: the old certificate still works, here and on other replicas...
+    gw.clock.advance(60)
+    assert gw.service.authenticate(old).name == "cam-1"
+    assert gw.restarted().authenticate(old).name == "cam-1"
+    # ... and once the grace is over it is refused everywhere.
+    gw.clock.advance(gw.service.policy.renewal_grace.total_seconds())
     with pytest.raises(Unauthenticated):
-        gw.service.authenticate(old)  # at once here, although it was cached as good
+        gw.service.authenticate(old)
     with pytest.raises(Unauthenticated):
-        gw.service.renew(old, csr_pem())  # a retired certificate renews nothing
+        gw.restarted().renew(old, csr_pem())
+
+
+def test_a_renewal_whose_response_was_lost_is_repeated_from_the_old_certificate(gw: Gateway) -> None:
+    old = gw.enroll()
+    lost = identity_from_certificate(gw.service.renew(old, csr_pem()).certificate_chain_pem)
+    again = identity_from_certificate(gw.service.renew(old, csr_pem()).certificate_chain_pem)
+    record = gw.fleet.get_device("demo", "cam-1")
+    assert record is not None
+    assert (record.cert_serial, record.previous_cert_serial) == (again.serial, old.serial)
+    assert gw.service.authenticate(again).name == "cam-1"
     with pytest.raises(Unauthenticated):
-        gw.restarted().authenticate(old)  # other replicas: from the store
+        gw.service.authenticate(lost)  # the certificate nobody received is never accepted
+    gw.clock.advance(gw.service.policy.identity_cache_ttl.total_seconds())
+    with pytest.raises(Unauthenticated):
+        gw.restarted().authenticate(lost)
 
 
 def test_renew_refuses_revoked_devices_and_bad_csrs(gw: Gateway) -> None:
