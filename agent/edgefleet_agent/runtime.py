@@ -30,6 +30,7 @@ from edgefleet_agent.errors import (
     ModelNotReady,
     UnknownModel,
 )
+from edgefleet_core.bundle.distribution import version_key
 from edgefleet_core.bundle.manifest import BundleManifest
 from edgefleet_core.bundle.selftest import ORT_TYPES, SelfTest, check_outputs, generate_inputs
 from edgefleet_core.errors import BundleError
@@ -403,27 +404,40 @@ class ModelRuntime:
     # --- reporting -----------------------------------------------------------------------------
 
     def drain_windows(self) -> list[ModelWindowStats]:
-        """Statistics since the last call: one entry per served model, and per other version that ran requests."""
+        """Statistics since the last call: one entry per model (fleet.proto's ModelHealth).
+
+        When versions switched during the window, the entry names the version active at its end
+        and counts every request of the window, whichever version served it.
+        """
         with self._lock:
             windows, self._windows = self._windows, {}
-            for (namespace, name), served in self._models.items():
-                if served.active is not None:
-                    windows.setdefault((namespace, name, served.active.version), _Window(served.active.slot))
+            active = {key: s.active for key, s in self._models.items() if s.active is not None}
+        per_model: dict[tuple[str, str], list[tuple[str, _Window]]] = {}
+        for (namespace, name, version), window in windows.items():
+            per_model.setdefault((namespace, name), []).append((version, window))
+        for key in active:
+            per_model.setdefault(key, [])
         stats = []
-        for (namespace, name, version), window in sorted(windows.items()):
-            samples = list(window.latencies_ms)
+        for (namespace, name), parts in sorted(per_model.items()):
+            current = active.get((namespace, name))
+            if current is not None:
+                version, slot = current.version, current.slot
+            else:  # unloaded during the window: the version that served last
+                version, window = max(parts, key=lambda part: version_key(part[0]))
+                slot = window.slot
+            samples = [ms for _, window in parts for ms in window.latencies_ms]
             stats.append(
                 ModelWindowStats(
                     model_namespace=namespace,
                     model_name=name,
                     version=version,
-                    slot=window.slot,
-                    inference_count=window.count,
-                    error_count=window.errors,
+                    slot=slot,
+                    inference_count=sum(window.count for _, window in parts),
+                    error_count=sum(window.errors for _, window in parts),
                     latency_p50_ms=_percentile(samples, 50),
                     latency_p95_ms=_percentile(samples, 95),
                     latency_p99_ms=_percentile(samples, 99),
-                    accelerator_fallback_count=window.fallbacks,
+                    accelerator_fallback_count=sum(window.fallbacks for _, window in parts),
                 )
             )
         return stats

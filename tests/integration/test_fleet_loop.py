@@ -132,6 +132,15 @@ def test_gateway_and_three_agents_install_report_and_roll_back(tmp_path: Path) -
             assert version == "2.0.0"
             np.testing.assert_allclose(output, _expected(v2, image), rtol=1e-5, atol=1e-6)
 
+        # Health keeps flowing after the swaps (one entry per model, named by its active version).
+        def swapped() -> bool:
+            found = {(a.device_class, a.version): a for a in state.aggregate(NAMESPACE, MODEL)}
+            small = found.get(("cpu-small", "2.0.0"))
+            return bool(small and small.devices_reporting == 2)
+
+        wait_for("health of 2.0.0 from both cpu-small devices", swapped, timeout=30)
+        assert not any("INVALID_ARGUMENT" in p.output() for p in agents.values())
+
         # Everything stops cleanly.
         for process in [*agents.values(), gateway]:
             assert process.terminate() == 0, process.output()[-2000:]
