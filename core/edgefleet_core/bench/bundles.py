@@ -229,7 +229,7 @@ def delta(split: DigitsSplit, quick: bool) -> dict[str, Any]:
     }
 
 
-def _big_model(megabytes: int) -> bytes:
+def big_model(megabytes: float) -> bytes:
     """One MatMul of random FP32 weights sized for a bundle of about ``megabytes`` MB.
 
     Random weights are the worst case for the codecs (they only squeeze a few percent out of the
@@ -253,7 +253,7 @@ def _big_model(megabytes: int) -> bytes:
 def throughput(split: DigitsSplit, quick: bool) -> dict[str, Any]:
     """Refresh + download + verify + decode + verify of a ~20 MB bundle from a local store (MB/s)."""
     del split
-    model = _big_model(5 if quick else 20)
+    model = big_model(5 if quick else 20)
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(Path(tmp) / "store")
         repository = TufRepository(store, KeySet.generate())

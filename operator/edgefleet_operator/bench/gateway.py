@@ -42,13 +42,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 import psutil
-from onnx import TensorProto, helper, numpy_helper
 
+from edgefleet_core.bench.bundles import big_model
 from edgefleet_core.bench.measure import machine
 from edgefleet_core.bench.pipeline import Target, write_results
 from edgefleet_core.bundle.distribution import BundleRef, build_bundles, publish_bundles
 from edgefleet_core.errors import EdgeFleetError
-from edgefleet_core.optimize.model_io import serialize
 from edgefleet_core.signing.keys import KeySet
 from edgefleet_core.signing.layout import TARGETS_DIR, target_path
 from edgefleet_core.signing.repository import TufRepository
@@ -183,30 +182,13 @@ class Published:
     payload_length: int
 
 
-def _synthetic_model(megabytes: float) -> bytes:
-    """One MatMul with random FP32 weights: close to incompressible, so the payload stays about this size."""
-    rng = np.random.default_rng(5)
-    width = int((megabytes * 1e6 / 4) ** 0.5)
-    weight = numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "w"], ["output"])],
-        "bench-payload",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", width])],
-        [weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return serialize(model)
-
-
 def publish_payload(store: LocalStore, megabytes: float) -> Published:
     """A TUF repository with one bundle for the benchmark's class, resolved as ``gateway assign`` does."""
     repository = TufRepository(store, KeySet.generate())
     repository.initialize()
     ref = BundleRef(NAMESPACE, MODEL, DEVICE_CLASS)
     built = build_bundles(
-        {"model.onnx": _synthetic_model(megabytes)},
+        {"model.onnx": big_model(megabytes)},
         ref,
         VERSION,
         variant_id="0" * 64,

@@ -11,10 +11,13 @@ device could only ever be a way to impersonate another one.
 
 Errors are gRPC status codes (one gateway interceptor maps domain errors to them):
   UNAUTHENTICATED     no or unknown client certificate; bad, used or expired bootstrap token
-  PERMISSION_DENIED   the certificate is valid but the device is disabled or revoked
+  PERMISSION_DENIED   the certificate is valid but the device is disabled or revoked; a target
+                      path of another device class; an enrollment that would replace an
+                      existing device without a token pinned to its name
   INVALID_ARGUMENT    a request breaks a bound documented on its fields
-  NOT_FOUND           unknown metadata role/version or target, including targets of another
-                      device class (a device cannot probe which targets exist outside its class)
+  NOT_FOUND           unknown metadata role/version, or a target of the device's own class that
+                      does not exist (another class's paths are refused before any lookup, so a
+                      device cannot probe which targets exist outside its class)
   RESOURCE_EXHAUSTED  a file is larger than the client's max_length, or rate limits
   OUT_OF_RANGE        a fetch offset beyond the end of the file
   UNAVAILABLE         transient; retry with backoff

@@ -120,7 +120,8 @@ def test_hot_swap_under_concurrent_requests_drops_nothing(runtime: ModelRuntime)
         stop.set()
         served = sum(f.result() for f in futures)  # re-raises any failed request
     assert served == len(versions)
-    assert versions[-1] == "4.0.0"
+    # Threads finish in any order: a request started just before the last swap may end last.
+    assert "4.0.0" in versions[-20:]
     assert set(versions) <= {"1.0.0", "2.0.0", "3.0.0", "4.0.0"}
     # One entry for the model (fleet.proto: the version active at the window's end), counting
     # every request of the window whichever version served it.
