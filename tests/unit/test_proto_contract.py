@@ -356,6 +356,13 @@ class _FakeGateway(fleet_pb2_grpc.FleetGatewayServicer):
             yield chunk
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this test")
 
+    async def Renew(
+        self,
+        request: fleet_pb2.RenewRequest,
+        context: grpc.aio.ServicerContext[fleet_pb2.RenewRequest, fleet_pb2.EnrollResponse],
+    ) -> fleet_pb2.EnrollResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this test")
+
     async def ReportHealth(
         self,
         request: fleet_pb2.HealthReport,
