@@ -290,6 +290,15 @@ def serve(
             " resumes its counts after a restart; default: a random one per process.",
         ),
     ] = None,
+    gc_freeze_interval: Annotated[
+        float,
+        typer.Option(
+            "--gc-freeze-interval",
+            min=0.0,
+            help="Seconds between moving long-lived objects out of the garbage collector's way (full"
+            " collections otherwise pause thousands of connections); 0 leaves CPython's default.",
+        ),
+    ] = 10.0,
 ) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     from edgefleet_core.store.url import open_store
@@ -306,6 +315,7 @@ def serve(
             grace_period=grace_period,
             identity_cache_ttl=identity_cache_ttl,
             replica_id=replica_id,
+            gc_freeze_interval=gc_freeze_interval or None,
         )
         server = GatewayServer(config, open_store(store), pki)
         asyncio.run(_serve(server))

@@ -32,6 +32,7 @@ from edgefleet_core.errors import EdgeFleetError, StoreError
 from edgefleet_core.store.base import ArtifactStore
 from edgefleet_operator.fleet.errors import FleetError
 from edgefleet_operator.fleet.state import FleetState
+from edgefleet_operator.gateway.collector import run_collector_policy
 from edgefleet_operator.gateway.hub import AssignmentHub
 from edgefleet_operator.gateway.interceptor import GatewayInterceptor
 from edgefleet_operator.gateway.metrics import GatewayMetrics
@@ -73,6 +74,11 @@ class GatewayConfig:
     superseded through another replica) bites within this time, open watch streams included."""
     replica_id: str | None = None
     """Names this replica's health shards; ``None``: a random one per process (see ServicePolicy)."""
+    gc_freeze_interval: float | None = 10.0
+    """Seconds between moving long-lived objects out of the collector's way (gateway/collector.py);
+    ``None`` leaves garbage collection as CPython does it."""
+    gc_full_interval: float = 600.0
+    """Seconds between full collections that reclaim what freezing kept (bounds memory)."""
     grace_period: float = 5.0
     """Seconds in-flight calls get to finish on shutdown before they are cancelled."""
     tuf_prefix: str = "tuf/"
@@ -88,6 +94,10 @@ class GatewayConfig:
             raise GatewayConfigError(f"heartbeat_interval must be at least 1 s, not {self.heartbeat_interval}")
         if self.replica_id is not None and not _REPLICA_ID.fullmatch(self.replica_id):
             raise GatewayConfigError(f"replica_id {self.replica_id!r} is not 1-63 of [a-z0-9-], starting alphanumeric")
+        if self.gc_freeze_interval is not None and not 0 < self.gc_freeze_interval <= self.gc_full_interval:
+            raise GatewayConfigError(
+                f"need 0 < gc_freeze_interval ({self.gc_freeze_interval}) <= gc_full_interval ({self.gc_full_interval})"
+            )
         if self.grace_period < 0:
             raise GatewayConfigError(f"grace_period must not be negative, not {self.grace_period}")
         for name in ("listen", "enroll_listen", "metrics_listen"):
@@ -130,6 +140,7 @@ class GatewayServer:
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._collector: asyncio.Task[None] | None = None
         self._metrics_http: tuple[WSGIServer, Thread] | None = None
         self.fleet_address = ""
         """``HOST:PORT`` the fleet port is bound to (the real port), once started."""
@@ -174,6 +185,10 @@ class GatewayServer:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._flusher = asyncio.create_task(self._flush_forever(), name="health-flusher")
+        if self.config.gc_freeze_interval is not None:
+            self._collector = asyncio.create_task(
+                run_collector_policy(self.config.gc_freeze_interval, self.config.gc_full_interval), name="gc-policy"
+            )
         if self.config.metrics_listen is not None:
             host, port = split_address(self.config.metrics_listen, "metrics_listen")
             try:
@@ -206,6 +221,11 @@ class GatewayServer:
         if stopping is not None:
             await stopping
             self._server = None
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
+            self._collector = None
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
