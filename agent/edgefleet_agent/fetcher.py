@@ -53,8 +53,11 @@ READ_BYTES = 1024 * 1024
 """Size of the pieces a completed file is handed to ngclient in."""
 DEFAULT_MAX_ATTEMPTS = 5
 """Interrupted attempts in a row (without any new byte arriving) before a fetch gives up."""
-DEFAULT_IDLE_TIMEOUT_S = 30.0
-"""A call with no chunk for this long is cancelled and resumed (a gateway that stalls without closing)."""
+DEFAULT_IDLE_TIMEOUT_S = 180.0
+"""A call with no chunk for this long is cancelled and resumed (a gateway that stalls without closing).
+
+A chunk is up to 1 MiB and arrives whole, so this also bounds the slowest link that can finish a
+download: 1 MiB in 180 s is about 47 kbit/s (a poor cellular link), not a stalled gateway."""
 DEFAULT_CALL_TIMEOUT_S = 600.0
 """Deadline of one call; a longer download simply resumes in a new call."""
 STOP_POLL_S = 0.1

@@ -130,6 +130,9 @@ class DeviceRecord(FleetRecord):
     cert_serial: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{1,40}$")]
     """Serial of the device's current certificate, lowercase hex."""
     cert_not_after: UtcDatetime
+    key_sha256: Sha256Hex | None = None
+    """sha256 of the device key's SubjectPublicKeyInfo (DER): an enrollment retried within the
+    token's grace must come from the same key, or it would hand this identity to another device."""
     previous_cert_serial: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{1,40}$")] | None = None
     """Serial the last renewal replaced; still accepted until ``renewed_at`` + the renewal grace,
     so a device whose Renew response was lost is not locked out."""

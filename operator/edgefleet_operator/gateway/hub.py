@@ -90,7 +90,9 @@ class _Progress:
                     self.held.add(key)
         for key in sorted(self.held - snapshot.assignments.keys()):
             namespace, _, name = key.partition("/")
-            out.append(Removal(revision=head, model_namespace=namespace, model_name=name))
+            # Numbered with the device's own latest revision, not HEAD (another device's number):
+            # the agent's report on it must name a revision this device was given.
+            out.append(Removal(revision=snapshot.revision, model_namespace=namespace, model_name=name))
             self.held.discard(key)
         return out
 

@@ -14,6 +14,7 @@ device class holding the totals this replica received, and readers add the repli
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -24,6 +25,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from pydantic import JsonValue, ValidationError
 
 from edgefleet_core.bundle.manifest import VERSION_PATTERN
@@ -72,6 +76,8 @@ MAX_ROLE_CHARS: Final = 255
 MAX_TARGET_PATH_CHARS: Final = 1024
 MAX_LABELS: Final = 64
 MAX_LIST_ITEMS: Final = 64
+MAX_VERSIONS_PER_MODEL: Final = 8
+"""Versions of one model whose health totals a replica keeps per device (the most recently reported)."""
 MAX_CPU_FEATURES: Final = 1024
 """/proc/cpuinfo lists 100-250 flags on today's x86 and Arm server CPUs; the cap only stops abuse."""
 MAX_MODELS_PER_REPORT: Final = 64
@@ -478,9 +484,10 @@ class _DeviceHealth:
         self.changed(now)
         for model in sample.models:
             key = totals_key(model.model_namespace, model.model_name, model.version)
-            totals = self.totals.get(key)
+            totals = self.totals.pop(key, None)  # re-inserted last: the dict stays in order of use
             if totals is None:
-                totals = self.totals[key] = _Totals(model.model_namespace, model.model_name, model.version)
+                totals = _Totals(model.model_namespace, model.model_name, model.version)
+            self.totals[key] = totals
             totals.windows += 1
             totals.inference_count += model.inference_count
             totals.error_count += model.error_count
@@ -489,6 +496,21 @@ class _DeviceHealth:
                 totals.last_p50_ms = model.latency_p50_ms
                 totals.last_p95_ms = model.latency_p95_ms
                 totals.last_p99_ms = model.latency_p99_ms
+        self._forget_old_versions()
+
+    def _forget_old_versions(self) -> None:
+        """Keep the totals of the :data:`MAX_VERSIONS_PER_MODEL` versions of each model reported last.
+
+        Rollouts compare a version with its predecessor; without a bound a device that went
+        through hundreds of versions would grow this replica's shard until it could not be written.
+        """
+        seen: dict[tuple[str, str], int] = {}
+        for key in reversed(list(self.totals)):  # newest first
+            totals = self.totals[key]
+            model = (totals.model_namespace, totals.model_name)
+            seen[model] = seen.get(model, 0) + 1
+            if seen[model] > MAX_VERSIONS_PER_MODEL:
+                del self.totals[key]
 
     def record(self) -> DeviceHealthRecord:
         if self.built is not None:
@@ -604,7 +626,8 @@ class GatewayService:
             name = token.device_name or application.device_name  # a pinned name wins (fleet.proto)
             identity_id = device_id(token.namespace, name)
             existing = self._fleet.get_device(token.namespace, name)
-            self._check_admission(token, name, existing)
+            key_sha256 = _key_fingerprint(application.csr_pem)
+            self._check_admission(token, name, existing, key_sha256)
             # Signed before the token is spent, so a CSR that is refused (wrong key type, bad
             # signature, too large) leaves the token as it was; an unused certificate is harmless,
             # as only the serial recorded below is ever accepted.
@@ -627,6 +650,7 @@ class GatewayService:
                 agent_version=application.agent_version,
                 cert_serial=issued.serial,
                 cert_not_after=issued.not_after,
+                key_sha256=key_sha256,
                 enrolled_at=now,
             )
         except ValidationError as e:  # every field was checked above: a disagreement with the record is ours
@@ -641,7 +665,9 @@ class GatewayService:
         logger.info("[%s/%s] enrolled (class %s, serial %s)", token.namespace, name, token.device_class, issued.serial)
         return self._result(record, issued)
 
-    def _check_admission(self, token: BootstrapToken, name: str, existing: DeviceRecord | None) -> None:
+    def _check_admission(
+        self, token: BootstrapToken, name: str, existing: DeviceRecord | None, key_sha256: str
+    ) -> None:
         """Refuse a token that may not (re-)enroll ``name`` (see :meth:`enroll`)."""
         if existing is None or token.device_name is not None:
             return
@@ -651,7 +677,10 @@ class GatewayService:
                 f"device {where} is revoked; re-admitting it takes a token pinned to its name (--device-name)"
             )
         now = self._clock()
-        retry = any(
+        # A retry after a lost response comes from the same device, so with the same key (the agent
+        # keeps its key across attempts); another holder of a batch token asking for this name
+        # within the grace would otherwise take the identity over.
+        retry = existing.key_sha256 == key_sha256 and any(
             use.device_name == name and timedelta(0) <= now - use.used_at <= TOKEN_RETRY_GRACE for use in token.used_by
         )
         if not retry:
@@ -709,13 +738,17 @@ class GatewayService:
         issued = self._sign(csr_pem, record.namespace, record.device_class, record.name)
         # Renewing from the current certificate keeps it as the previous one for the grace period;
         # renewing again from the previous one (the first response was lost) replaces the unused new one.
-        previous = record.cert_serial if identity.serial == record.cert_serial else record.previous_cert_serial
+        from_current = identity.serial == record.cert_serial
+        previous = record.cert_serial if from_current else record.previous_cert_serial
         renewed = record.model_copy(
             update={
                 "cert_serial": issued.serial,
                 "cert_not_after": issued.not_after,
+                "key_sha256": _key_fingerprint(csr_pem),
                 "previous_cert_serial": previous,
-                "renewed_at": now,
+                # Renewing again from the previous certificate does not restart its grace: the
+                # replaced key stops working at most one grace after the first renewal.
+                "renewed_at": now if from_current else record.renewed_at,
             }
         )
         try:
@@ -1032,6 +1065,18 @@ class GatewayService:
         """Devices whose latest figures are not yet written (for tests and metrics)."""
         with self._health_lock:
             return sum(1 for entry in self._health.values() if entry.version != entry.written)
+
+
+def _key_fingerprint(csr_pem: str) -> str:
+    """sha256 of the CSR's public key (SubjectPublicKeyInfo, DER); INVALID_ARGUMENT if it cannot be read."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+        spki = csr.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise InvalidArgument("csr_pem", f"not a readable certificate signing request: {e}") from e
+    return hashlib.sha256(spki).hexdigest()
 
 
 def check_watch(last_revision: int, installed: Iterable[InstalledModel]) -> list[InstalledModel]:

@@ -235,10 +235,14 @@ async def test_a_stalled_stream_is_cancelled_and_resumed(
     running: RunningGateway, make_fetcher: Callable[..., GrpcTufFetcher]
 ) -> None:
     running.gateway.faults.stall_after[TARGET_FILE] = 2000
-    fetcher = make_fetcher(idle_timeout=0.3)
-    data = await asyncio.wait_for(asyncio.to_thread(fetcher.download_bytes, URL, len(TARGET_BYTES)), 10)
+    fetcher = make_fetcher(idle_timeout=1.0)
+    data = await asyncio.wait_for(asyncio.to_thread(fetcher.download_bytes, URL, len(TARGET_BYTES)), 20)
     assert data == TARGET_BYTES
-    assert _offsets(running) == [0, 2000]
+    # On a loaded machine the idle timer may also fire before the first chunk: then the same offset
+    # is asked for again. What matters: it resumed from 2000, never restarting after progress.
+    offsets = _offsets(running)
+    assert offsets[-1] == 2000
+    assert set(offsets) == {0, 2000}
 
 
 @pytest.mark.asyncio

@@ -216,9 +216,10 @@ def test_unknown_expired_and_used_tokens_are_unauthenticated(gw: Gateway) -> Non
 
 def test_a_retried_enrollment_gets_the_same_identity_and_supersedes_the_old_certificate(gw: Gateway) -> None:
     token = gw.token()
-    first = identity_from_certificate(gw.service.enroll(gw.application(token)).certificate_chain_pem)
+    csr = csr_pem()  # the agent keeps its key across attempts
+    first = identity_from_certificate(gw.service.enroll(gw.application(token, csr_pem=csr)).certificate_chain_pem)
     gw.clock.advance(30)
-    second = identity_from_certificate(gw.service.enroll(gw.application(token)).certificate_chain_pem)
+    second = identity_from_certificate(gw.service.enroll(gw.application(token, csr_pem=csr)).certificate_chain_pem)
     assert second.device_id == first.device_id
     assert second.serial != first.serial
     gw.service.authenticate(second)
@@ -227,6 +228,17 @@ def test_a_retried_enrollment_gets_the_same_identity_and_supersedes_the_old_cert
     other = gw.restarted()
     with pytest.raises(Unauthenticated, match="unknown certificate"):
         other.authenticate(first)
+
+
+def test_a_retry_within_the_grace_from_another_key_is_refused(gw: Gateway) -> None:
+    # One unpinned batch token on many devices: a second device asking for an enrolled name within
+    # the grace must not get its identity (it has another key).
+    token = gw.fleet.create_token("demo", "cpu-small", ttl=timedelta(hours=1), uses=10)
+    first = identity_from_certificate(gw.service.enroll(gw.application(token)).certificate_chain_pem)
+    gw.clock.advance(60)
+    with pytest.raises(PermissionDenied, match="already enrolled"):
+        gw.service.enroll(gw.application(token, csr_pem=csr_pem()))
+    assert gw.service.authenticate(first).name == "cam-1"
 
 
 # --------------------------------------------------------------------------------- authentication
@@ -343,10 +355,15 @@ def test_renew_issues_a_new_certificate_and_keeps_the_old_one_for_the_grace(gw: 
 def test_a_renewal_whose_response_was_lost_is_repeated_from_the_old_certificate(gw: Gateway) -> None:
     old = gw.enroll()
     lost = identity_from_certificate(gw.service.renew(old, csr_pem()).certificate_chain_pem)
+    first_renewal = gw.fleet.get_device("demo", "cam-1")
+    gw.clock.advance(3600)
     again = identity_from_certificate(gw.service.renew(old, csr_pem()).certificate_chain_pem)
     record = gw.fleet.get_device("demo", "cam-1")
     assert record is not None
+    assert first_renewal is not None
     assert (record.cert_serial, record.previous_cert_serial) == (again.serial, old.serial)
+    # Renewing from the old certificate again does not restart its grace.
+    assert record.renewed_at == first_renewal.renewed_at
     assert gw.service.authenticate(again).name == "cam-1"
     with pytest.raises(Unauthenticated):
         gw.service.authenticate(lost)  # the certificate nobody received is never accepted
@@ -507,6 +524,19 @@ def test_health_is_kept_in_memory_and_flushed_cumulatively(gw: Gateway) -> None:
     [aggregate] = gw.fleet.aggregate("demo", "digits")
     assert aggregate.devices_reporting == 1
     assert aggregate.inference_count == 350
+
+
+def test_a_device_keeps_health_totals_of_its_recent_versions_only(gw: Gateway) -> None:
+    identity = gw.enroll()
+    for version in range(1, 21):  # twenty rollouts of one model, plus another model all along
+        gw.service.report_health(
+            identity, _sample(models=(_model(version=f"{version}.0.0"), _model(model_name="faces", version="1.0.0")))
+        )
+    gw.service.flush_health()
+    [record] = gw.fleet.read_health("cpu-small")
+    digits = sorted(t.version for t in record.totals.values() if t.model_name == "digits")
+    assert digits == sorted(f"{v}.0.0" for v in range(13, 21))  # the 8 reported last
+    assert record.totals["demo/faces@1.0.0"].windows == 20  # another model's totals are untouched
 
 
 def _samples(count: int) -> HealthSample:

@@ -81,6 +81,18 @@ async def test_resumes_after_last_revision_and_removes_unassigned_models(fleet: 
 
 
 @pytest.mark.asyncio
+async def test_a_synthesized_removal_carries_the_devices_own_revision(fleet: FleetState) -> None:
+    own = _assign(fleet, "digits", "1.0.0")
+    _assign(fleet, "faces", "2.0.0", ("cam-2",))  # HEAD moves on for another device
+    assert fleet.head_revision() > own
+    hub = AssignmentHub(fleet, poll_interval=0.01)
+    stream = hub.watch(CAM, own, [InstalledModel("demo", "old", "0.1")])
+    # The agent reports on it; the gateway refuses revisions never given to this device.
+    assert await _next(stream, hub) == Removal(revision=own, model_namespace="demo", model_name="old")
+    await stream.aclose()
+
+
+@pytest.mark.asyncio
 async def test_a_watcher_that_does_not_read_only_keeps_the_newest_snapshot(fleet: FleetState) -> None:
     hub = AssignmentHub(fleet, poll_interval=0.01)
     slow = hub.watch(CAM, 0, ())
