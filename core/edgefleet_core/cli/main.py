@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from edgefleet_core import __version__
-from edgefleet_core.cli import bench_cmd, bundle_cmd, keys_cmd, optimize_cmd, plugins, resources_cmd
+from edgefleet_core.cli import bench_cmd, bundle_cmd, keys_cmd, optimize_cmd, partition_cmd, plugins, resources_cmd
 
-PLANNED_GROUPS = "partition (plan CPU/accelerator cuts), accel-server, operator, up and demo"
+PLANNED_GROUPS = "accel-server, operator, up and demo"
 
 
 def build_app() -> typer.Typer:
@@ -47,6 +47,7 @@ def build_app() -> typer.Typer:
     app.command(name="fetch")(bundle_cmd.fetch)
     app.add_typer(keys_cmd.app, name="keys")
     app.add_typer(resources_cmd.app, name="resources")
+    app.add_typer(partition_cmd.app, name="partition")
     benches = [(b.name, b.command or plugins.unavailable_bench(b)) for b in plugins.discover_bench()]
     app.add_typer(bench_cmd.build_app(benches), name="bench")
     for group in plugins.discover():

@@ -1,0 +1,407 @@
+"""The partition planner: where to cut a model between the node CPU and its accelerator.
+
+Ours on purpose (after Neurosurgeon, Kang et al., ASPLOS 2017): every candidate cut is priced from
+measurements, the head on the node CPU, the crossing tensors over the DeviceClass's link (and the
+tail's outputs back), the tail on the accelerator, and the policy picks the cheapest. Running the
+whole model on the node CPU ("no split") is always a candidate.
+
+    latency    = head + transfer + tail                 (one request, sequential)
+    throughput = 1 / max(head, transfer, tail)          (requests pipelined through the three stages)
+
+Measurements are honest: when the accelerator's execution provider is not available on this
+machine the tail is timed on a CPU session and the plan says so in ``tailMeasuredOn``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Final, Literal
+
+import numpy as np
+import onnx
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from edgefleet_core.optimize.model_io import model_digest
+from edgefleet_core.optimize.runtime import CPU_EP, can_run, run, session
+from edgefleet_core.partition.cuts import PartitionError, SplitModel, enumerate_cuts, split_model
+from edgefleet_core.partition.profile import DEFAULT_RUNS, DEFAULT_WARMUP, example_inputs, profile_model
+from edgefleet_core.resources.device_class import AcceleratorLink, DeviceClass
+
+__all__ = [
+    "PLAN_API_VERSION",
+    "Candidate",
+    "PartitionPlan",
+    "Policy",
+    "SegmentCosts",
+    "accelerator_link",
+    "choose",
+    "measure_candidates",
+    "plan_from_costs",
+    "plan_partition",
+    "price",
+    "split_for",
+]
+
+PLAN_API_VERSION: Final = "edgefleet.io/partition-plan/v1"
+Policy = Literal["latency", "throughput"]
+
+
+class _PlanModel(BaseModel):
+    """camelCase on the wire, unknown fields refused, immutable (as the rest of core's documents)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True
+    )
+
+
+class Candidate(_PlanModel):
+    """One way to run the model: a cut (head on the CPU, tail on the accelerator) or no split."""
+
+    cut_index: Annotated[int, Field(ge=1)] | None
+    """Position of the cut in the model's topological order; ``None``: the whole model on the node CPU."""
+    tensors: Annotated[list[str], Field(max_length=32)]
+    """The tensors crossing the link, sorted by name (empty for no split)."""
+    bytes: Annotated[int, Field(ge=0)]
+    """Bytes sent from the node to the accelerator per request (batch 1): the cut tensors and any graph
+    inputs the tail reads directly."""
+    output_bytes: Annotated[int, Field(ge=0)]
+    """Bytes of the tail's outputs sent back to the node per request."""
+    head_ms: Annotated[float, Field(gt=0)]
+    transfer_ms: Annotated[float, Field(ge=0)]
+    """Modelled from the DeviceClass's link, both directions."""
+    tail_ms: Annotated[float, Field(ge=0)]
+    latency_ms: Annotated[float, Field(gt=0)]
+    throughput_per_s: Annotated[float, Field(gt=0)]
+    measured_ms: Annotated[float, Field(ge=0)] | None = None
+    """Measured head then tail, end to end in this process (no link: it is modelled, not here)."""
+    measured_latency_ms: Annotated[float, Field(ge=0)] | None = None
+    """``measured_ms`` plus the modelled ``transfer_ms``: comparable with ``latency_ms``."""
+
+    @property
+    def is_split(self) -> bool:
+        """Whether this candidate cuts the model (``False``: the whole model on the node CPU)."""
+        return self.cut_index is not None
+
+
+class PartitionPlan(_PlanModel):
+    """The planner's decision for one model on one device class, with every candidate it priced."""
+
+    api_version: Literal["edgefleet.io/partition-plan/v1"] = PLAN_API_VERSION
+    model_digest: Annotated[str, Field(pattern=r"^[a-f0-9]{64}$")]
+    """Content digest (sha256 hex) of the model that was cut."""
+    device_class: str
+    policy: Policy
+    link: AcceleratorLink
+    head_execution_provider: str
+    tail_execution_provider: str
+    """The accelerator's execution provider (from the DeviceClass)."""
+    tail_measured_on: str
+    """The provider tails were actually timed on: the CPU when the accelerator's is not available here."""
+    runs: Annotated[int, Field(ge=1)]
+    max_tensors: Annotated[int, Field(ge=1, le=32)]
+    manual_cut: Annotated[list[str], Field(max_length=32)] | None = None
+    """The cut the user asked for, if any: then it is chosen whatever it costs."""
+    candidates: Annotated[list[Candidate], Field(min_length=1)]
+    chosen_cut: int | None
+    """``cutIndex`` of the chosen candidate; ``None``: no split."""
+
+    @property
+    def chosen(self) -> Candidate:
+        """The chosen candidate."""
+        for candidate in self.candidates:
+            if candidate.cut_index == self.chosen_cut:
+                return candidate
+        raise PartitionError(f"plan chooses cut {self.chosen_cut}, which is not among its candidates")
+
+    def canonical_json(self) -> bytes:
+        """Sorted keys, no spaces, ASCII: the bytes ``plan_id`` hashes and ``plan.json`` holds."""
+        document = self.model_dump(mode="json", by_alias=True)
+        return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
+            "ascii"
+        )
+
+    @property
+    def plan_id(self) -> str:
+        """Full sha256 hex of :meth:`canonical_json`."""
+        return hashlib.sha256(self.canonical_json()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SegmentCosts:
+    """What was measured for one candidate: the cost model's input."""
+
+    cut_index: int | None
+    tensors: tuple[str, ...]
+    nbytes: int
+    output_nbytes: int
+    head_ms: float
+    tail_ms: float
+
+
+def accelerator_link(device_class: DeviceClass) -> AcceleratorLink:
+    """The link the planner prices; :class:`PartitionError` when the class has no accelerator or link."""
+    name = device_class.metadata.name
+    accelerator = device_class.spec.accelerator
+    if accelerator is None:
+        raise PartitionError(f"DeviceClass {name} has no accelerator: there is nothing to partition across")
+    if accelerator.link is None:
+        raise PartitionError(f"DeviceClass {name} has no spec.accelerator.link: the transfer cost is unknown")
+    return accelerator.link
+
+
+def price(costs: SegmentCosts, link: AcceleratorLink) -> Candidate:
+    """The cost model for one candidate (no split: no transfer, no tail)."""
+    if costs.cut_index is None:
+        transfer_ms = 0.0
+    else:
+        transfer_ms = link.transfer_seconds(costs.nbytes) * 1000.0
+        if costs.output_nbytes:
+            transfer_ms += link.transfer_seconds(costs.output_nbytes) * 1000.0
+    slowest = max(costs.head_ms, transfer_ms, costs.tail_ms)
+    return Candidate(
+        cut_index=costs.cut_index,
+        tensors=list(costs.tensors),
+        bytes=costs.nbytes,
+        output_bytes=costs.output_nbytes,
+        head_ms=costs.head_ms,
+        transfer_ms=transfer_ms,
+        tail_ms=costs.tail_ms,
+        latency_ms=costs.head_ms + transfer_ms + costs.tail_ms,
+        throughput_per_s=1000.0 / slowest,
+    )
+
+
+def choose(candidates: Sequence[Candidate], policy: Policy) -> Candidate:
+    """The best candidate for ``policy``; ties go to no split, then to the earlier cut."""
+
+    def tie(candidate: Candidate) -> int:
+        return -1 if candidate.cut_index is None else candidate.cut_index
+
+    if policy == "latency":
+        return min(candidates, key=lambda c: (c.latency_ms, tie(c)))
+    return min(candidates, key=lambda c: (-c.throughput_per_s, tie(c)))
+
+
+def plan_from_costs(
+    costs: Sequence[SegmentCosts],
+    *,
+    model_digest: str,
+    device_class: DeviceClass,
+    policy: Policy,
+    tail_measured_on: str,
+    runs: int,
+    max_tensors: int,
+    manual_cut: Sequence[str] | None = None,
+) -> PartitionPlan:
+    """Price every candidate and choose one (pure: the same costs give the same plan, byte for byte)."""
+    link = accelerator_link(device_class)
+    accelerator = device_class.spec.accelerator
+    assert accelerator is not None  # accelerator_link refused a class without one
+    candidates = sorted((price(c, link) for c in costs), key=lambda c: -1 if c.cut_index is None else c.cut_index)
+    if not any(c.cut_index is None for c in candidates):
+        raise PartitionError("the costs have no whole-model baseline (no split is always a candidate)")
+    if manual_cut is not None:
+        wanted = sorted(manual_cut)
+        matches = [c for c in candidates if c.cut_index is not None and c.tensors == wanted]
+        if not matches:
+            raise PartitionError(f"the manual cut {', '.join(wanted)} is not among the candidates")
+        chosen = matches[0]
+    else:
+        chosen = choose(candidates, policy)
+    return PartitionPlan(
+        model_digest=model_digest,
+        device_class=device_class.metadata.name,
+        policy=policy,
+        link=link,
+        head_execution_provider=CPU_EP,
+        tail_execution_provider=accelerator.execution_provider,
+        tail_measured_on=tail_measured_on,
+        runs=runs,
+        max_tensors=max_tensors,
+        manual_cut=sorted(manual_cut) if manual_cut is not None else None,
+        candidates=candidates,
+        chosen_cut=chosen.cut_index,
+    )
+
+
+def _tail_feed(
+    split: SplitModel, inputs: Mapping[str, np.ndarray], head_outputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    # The tail reads the cut tensors the head made, and any graph inputs it needs directly.
+    feed: dict[str, np.ndarray] = {}
+    for value in split.tail.graph.input:
+        if value.name in head_outputs:
+            feed[value.name] = head_outputs[value.name]
+        elif value.name in inputs:
+            feed[value.name] = inputs[value.name]
+    return feed
+
+
+def _tail_output_nbytes(split: SplitModel, tail_outputs: Mapping[str, np.ndarray], graph_outputs: set[str]) -> int:
+    return sum(int(tail_outputs[o.name].nbytes) for o in split.tail.graph.output if o.name in graph_outputs)
+
+
+def _tail_provider(device_class: DeviceClass) -> tuple[str, str]:
+    accelerator = device_class.spec.accelerator
+    wanted = accelerator.execution_provider if accelerator is not None else CPU_EP
+    return wanted, (wanted if can_run(wanted) else CPU_EP)
+
+
+def plan_partition(
+    model: onnx.ModelProto,
+    device_class: DeviceClass,
+    *,
+    policy: Policy = "latency",
+    inputs: Mapping[str, np.ndarray] | None = None,
+    runs: int = DEFAULT_RUNS,
+    warmup: int = DEFAULT_WARMUP,
+    max_tensors: int = 4,
+    intra_op_threads: int = 1,
+    manual_cut: Sequence[str] | None = None,
+    measure: bool = False,
+) -> PartitionPlan:
+    """Profile every candidate cut of ``model`` and choose one for ``device_class`` and ``policy``.
+
+    Each candidate's head is timed on the node CPU, then its tail on the accelerator's provider
+    (the CPU when that is not available here) with the head's real outputs as input. With
+    ``manual_cut`` only that cut (and no split) is priced, and it is chosen. With ``measure`` each
+    candidate is also run end to end (:func:`measure_candidates`).
+    """
+    accelerator_link(device_class)  # refuse a class without a link before any work
+    feed = dict(inputs) if inputs is not None else example_inputs(model)
+    _, tail_ep = _tail_provider(device_class)
+    graph_outputs = {o.name for o in model.graph.output}
+    whole, _ = profile_model(model, feed, runs=runs, warmup=warmup, intra_op_threads=intra_op_threads)
+    costs = [SegmentCosts(None, (), 0, 0, whole.median_ms, 0.0)]
+    if manual_cut is not None:
+        splits = [split_model(model, list(manual_cut))]
+    else:
+        splits = [split_model(model, cut) for cut in enumerate_cuts(model, max_tensors=max_tensors)]
+    for split in splits:
+        head, head_outputs = profile_model(
+            split.head, feed, runs=runs, warmup=warmup, intra_op_threads=intra_op_threads
+        )
+        tail, tail_outputs = profile_model(
+            split.tail,
+            _tail_feed(split, feed, head_outputs),
+            execution_provider=tail_ep,
+            runs=runs,
+            warmup=warmup,
+            intra_op_threads=intra_op_threads,
+        )
+        # The cut tensors, and the graph inputs the tail reads directly, all cross the link.
+        crossing = split.cut.nbytes()
+        if crossing is None:  # a dimension the model leaves open: count what actually crossed
+            crossing = sum(int(head_outputs[t.name].nbytes) for t in split.cut.tensors)
+        forwarded = split.cut.forwarded_nbytes()
+        if forwarded is None:
+            forwarded = sum(int(feed[t.name].nbytes) for t in split.cut.forwarded)
+        costs.append(
+            SegmentCosts(
+                split.cut.index,
+                tuple(t.name for t in split.cut.tensors),
+                crossing + forwarded,
+                _tail_output_nbytes(split, tail_outputs, graph_outputs),
+                head.median_ms,
+                tail.median_ms,
+            )
+        )
+    plan = plan_from_costs(
+        costs,
+        model_digest=model_digest(model),
+        device_class=device_class,
+        policy=policy,
+        tail_measured_on=tail_ep,
+        runs=runs,
+        max_tensors=max_tensors,
+        manual_cut=manual_cut,
+    )
+    if measure:
+        plan = measure_candidates(
+            model, plan, device_class, inputs=feed, runs=runs, warmup=warmup, intra_op_threads=intra_op_threads
+        )
+    return plan
+
+
+def split_for(model: onnx.ModelProto, plan: PartitionPlan, candidate: Candidate | None = None) -> SplitModel:
+    """The head and tail of ``candidate`` (default: the chosen one); :class:`PartitionError` for no split."""
+    target = candidate if candidate is not None else plan.chosen
+    if target.cut_index is None:
+        raise PartitionError("the candidate does not split the model")
+    split = split_model(model, target.tensors)
+    if split.cut.index != target.cut_index:
+        raise PartitionError(
+            f"cut {', '.join(target.tensors)} is at {split.cut.index}, the plan says {target.cut_index}"
+        )
+    return split
+
+
+def _whole_request(
+    model: onnx.ModelProto, feed: Mapping[str, np.ndarray], intra_op_threads: int
+) -> Callable[[], object]:
+    whole = session(model, intra_op_threads=intra_op_threads)
+    whole_feed = {i.name: feed[i.name] for i in whole.get_inputs()}
+    return lambda: run(whole, None, whole_feed)
+
+
+def _split_request(
+    split: SplitModel, feed: Mapping[str, np.ndarray], tail_ep: str, intra_op_threads: int
+) -> Callable[[], object]:
+    head = session(split.head, intra_op_threads=intra_op_threads)
+    tail = session(split.tail, tail_ep, intra_op_threads=intra_op_threads)
+    head_feed = {i.name: feed[i.name] for i in head.get_inputs()}
+    head_names = [o.name for o in head.get_outputs()]
+    tail_inputs = [i.name for i in tail.get_inputs()]
+
+    def request() -> object:
+        produced = dict(zip(head_names, run(head, head_names, head_feed), strict=True))
+        return run(tail, None, {n: produced[n] if n in produced else feed[n] for n in tail_inputs})
+
+    return request
+
+
+def measure_candidates(
+    model: onnx.ModelProto,
+    plan: PartitionPlan,
+    device_class: DeviceClass,
+    *,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    runs: int = DEFAULT_RUNS,
+    warmup: int = DEFAULT_WARMUP,
+    intra_op_threads: int = 1,
+) -> PartitionPlan:
+    """``plan`` with every candidate's measured latency: head then tail, end to end, ``runs`` times.
+
+    The median wall time of a whole request (head run, hand-over of the cut tensors, tail run) in
+    this process; the link is modelled, so ``measuredLatencyMs`` adds the candidate's ``transferMs``.
+    """
+    if plan.model_digest != model_digest(model):
+        raise PartitionError("the plan was made for a different model")
+    feed = dict(inputs) if inputs is not None else example_inputs(model)
+    _, tail_ep = _tail_provider(device_class)
+    measured: list[Candidate] = []
+    for candidate in plan.candidates:
+        if candidate.cut_index is None:
+            request = _whole_request(model, feed, intra_op_threads)
+        else:
+            request = _split_request(split_for(model, plan, candidate), feed, tail_ep, intra_op_threads)
+        for _ in range(warmup):
+            request()
+        samples: list[float] = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            request()
+            samples.append((time.perf_counter() - start) * 1000.0)
+        measured_ms = statistics.median(samples)
+        measured.append(
+            candidate.model_copy(
+                update={"measured_ms": measured_ms, "measured_latency_ms": measured_ms + candidate.transfer_ms}
+            )
+        )
+    return plan.model_copy(update={"candidates": measured})
