@@ -94,7 +94,7 @@ def status_code(error: InferenceError) -> grpc.StatusCode:
 # --- tensors -----------------------------------------------------------------------------------
 
 
-def _dtype(number: DataType, name: str) -> np.dtype[Any]:
+def wire_dtype(number: DataType, name: str) -> np.dtype[Any]:
     if number == inference_pb2.DATA_TYPE_UNSPECIFIED:
         raise InvalidTensors(f"tensor {name!r} has no dtype")
     dtype = DTYPES.get(number)
@@ -103,7 +103,7 @@ def _dtype(number: DataType, name: str) -> np.dtype[Any]:
     return dtype
 
 
-def _shape(dims: Sequence[int], name: str) -> tuple[int, ...]:
+def wire_shape(dims: Sequence[int], name: str) -> tuple[int, ...]:
     if any(d < 0 for d in dims):
         raise InvalidTensors(f"tensor {name!r} has a negative dimension in {list(dims)}")
     if len(dims) > 32:
@@ -115,8 +115,8 @@ def to_array(name: str, number: DataType, dims: Sequence[int], data: bytes) -> A
     """A numpy array from a whole tensor's fields; :class:`InvalidTensors` if they do not agree."""
     if not name:
         raise InvalidTensors("a tensor has no name")
-    dtype = _dtype(number, name)
-    shape = _shape(dims, name)
+    dtype = wire_dtype(number, name)
+    shape = wire_shape(dims, name)
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise InvalidTensors(f"tensor {name!r} has {len(data)} bytes of data; shape {list(shape)} needs {expected}")
@@ -132,7 +132,7 @@ def tensor_message(name: str, array: Array) -> inference_pb2.Tensor:
     return inference_pb2.Tensor(name=name, dtype=number, shape=list(array.shape), data=data)
 
 
-def _spec(info: TensorInfo) -> inference_pb2.TensorSpec:
+def tensor_spec(info: TensorInfo) -> inference_pb2.TensorSpec:
     return inference_pb2.TensorSpec(
         name=info.name,
         dtype=DATA_TYPES.get(info.dtype or "", inference_pb2.DATA_TYPE_UNSPECIFIED),
@@ -219,8 +219,8 @@ def _add_pieces(request: _Request, message: inference_pb2.PredictRequest, *, lim
     for tensor in message.inputs:
         if not tensor.name:
             raise InvalidTensors("a tensor has no name")
-        shape = _shape(tensor.shape, tensor.name)
-        _dtype(tensor.dtype, tensor.name)
+        shape = wire_shape(tensor.shape, tensor.name)
+        wire_dtype(tensor.dtype, tensor.name)
         request.size += len(tensor.data)
         if request.size > limit:
             raise _TooLarge(f"request {request.request_id!r} carries over {limit} bytes of tensor data")
@@ -435,8 +435,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     active_version=view.active_version,
                     active_slot=_SLOTS[view.active_slot] if view.active_slot else fleet_pb2.SLOT_UNSPECIFIED,
                     previous_version=view.previous_version,
-                    inputs=[_spec(i) for i in view.inputs],
-                    outputs=[_spec(o) for o in view.outputs],
+                    inputs=[tensor_spec(i) for i in view.inputs],
+                    outputs=[tensor_spec(o) for o in view.outputs],
                     partition_plan_id=view.partition_plan_id,
                     execution_providers=list(view.execution_providers),
                 )
@@ -452,7 +452,7 @@ def _internal_response(request_id: str) -> inference_pb2.PredictResponse:
     )
 
 
-def _is_local(listen: str) -> bool:
+def is_local_address(listen: str) -> bool:
     if listen.startswith(("unix:", "unix-abstract:")):
         return True
     host = listen.rsplit(":", 1)[0].strip("[]")
@@ -471,7 +471,7 @@ async def start_inference_server(runtime: ModelRuntime, namespace: str, listen: 
     device-local API; a non-loopback address is allowed but logged, since anyone who reaches it
     can run the models.
     """
-    if not _is_local(listen):
+    if not is_local_address(listen):
         log.warning("the inference API listens on %s without TLS: it is meant for loopback or a Unix socket", listen)
     server = aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(runtime, namespace), server)

@@ -1,7 +1,8 @@
 """The models this device serves: ONNX Runtime sessions per version, hot swap, and per-window statistics.
 
 A model version is loaded into a :class:`LoadedModel` — one session for ``model.onnx``, or a head
-and a tail session run one after the other (the tail takes the head's outputs by name) — and
+and a tail session, each with its own thread pool, joined by a :class:`PipelinedExecutor` so
+concurrent requests overlap (the head of one runs while the tail of the one before does) — and
 self-tested before :meth:`ModelRuntime.activate` swaps it in. The swap is one reference
 assignment under a lock: a request picks the version it runs on when it starts and finishes on
 those sessions even if a swap happens meanwhile, so a swap drops no request. The version that
@@ -20,7 +21,6 @@ from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 
 from edgefleet_agent.assignments import SlotName
 from edgefleet_agent.errors import (
@@ -30,11 +30,12 @@ from edgefleet_agent.errors import (
     ModelNotReady,
     UnknownModel,
 )
+from edgefleet_agent.pipeline import DEFAULT_DEPTH, LocalStage, PipelinedExecutor
 from edgefleet_core.bundle.distribution import version_key
 from edgefleet_core.bundle.manifest import BundleManifest
 from edgefleet_core.bundle.selftest import ORT_TYPES, SelfTest, check_outputs, generate_inputs
 from edgefleet_core.errors import BundleError
-from edgefleet_core.optimize.runtime import CPU_EP, ORT_ERRORS
+from edgefleet_core.optimize.runtime import CPU_EP
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class ModelStatusView:
     execution_providers: tuple[str, ...]
 
 
-def _tensor_infos(args: Sequence[Any]) -> tuple[TensorInfo, ...]:
+def tensor_infos(args: Sequence[Any]) -> tuple[TensorInfo, ...]:
     return tuple(
         TensorInfo(a.name, ORT_TYPES.get(a.type), tuple(d if isinstance(d, int) and d >= 0 else None for d in a.shape))
         for a in args
@@ -113,7 +114,12 @@ def _tensor_infos(args: Sequence[Any]) -> tuple[TensorInfo, ...]:
 
 
 class LoadedModel:
-    """The sessions of one model version, ready to run (stateless: safe to share between threads)."""
+    """The sessions of one model version, ready to run (safe to share between threads).
+
+    One stage runs in the caller's thread. A head and a tail run through a
+    :class:`PipelinedExecutor` whose worker threads end once the version is no longer referenced
+    (a request that picked it keeps it alive until it finishes), or at :meth:`close`.
+    """
 
     def __init__(
         self,
@@ -122,20 +128,44 @@ class LoadedModel:
         version: str,
         slot: SlotName | None,
         manifest: BundleManifest | None,
-        stages: Sequence[tuple[str, Any]],
-        wanted_provider: str,
+        stages: Sequence[LocalStage],
+        wanted_providers: Sequence[str],
+        *,
+        depth: int = DEFAULT_DEPTH,
     ) -> None:
+        if len(stages) not in (1, 2) or len(wanted_providers) != len(stages):
+            raise ValueError("a model is one stage, or a head and a tail, each with the provider it wants")
         self.namespace = namespace
         self.name = name
         self.version = version
         self.slot = slot
         self.manifest = manifest
-        self._stages = tuple(stages)
-        self.inputs = _tensor_infos(self._stages[0][1].get_inputs())
-        self.outputs = _tensor_infos(self._stages[-1][1].get_outputs())
-        self.execution_providers = tuple(str(session.get_providers()[0]) for _, session in self._stages)
-        self.degraded = any(p != wanted_provider for p in self.execution_providers)
-        """A stage runs on a fallback provider (e.g. CPU while a GPU was configured)."""
+        self.execution_providers = tuple(stage.execution_provider for stage in stages)
+        self.degraded = any(got != want for got, want in zip(self.execution_providers, wanted_providers, strict=True))
+        """A stage runs on a fallback provider (e.g. the CPU while the plan names an accelerator)."""
+        self._single: LocalStage | None = None
+        self._pipeline: PipelinedExecutor | None = None
+        if len(stages) == 1:
+            self._single = stages[0]
+            self.inputs = tensor_infos(stages[0].inputs)
+            self.outputs = tensor_infos(stages[0].outputs)
+            return
+        head, tail = stages
+        # Tail inputs the head does not compute are graph inputs the tail reads directly (forwarded).
+        forwarded = [arg for arg in tail.inputs if arg.name not in head.output_names]
+        self.inputs = tensor_infos([*head.inputs, *(a for a in forwarded if a.name not in head.input_names)])
+        # Head outputs the tail does not read are graph outputs the head computes; model order is not
+        # recorded in the bundle, so they come first (as run_split orders them without it).
+        head_only = [arg for arg in head.outputs if arg.name not in tail.input_names]
+        self.outputs = tensor_infos([*head_only, *tail.outputs])
+        self._pipeline = PipelinedExecutor(
+            head,
+            tail,
+            depth=depth,
+            forwarded=[arg.name for arg in forwarded],
+            outputs=[info.name for info in self.outputs],
+            tail_inputs=tail.input_names,
+        )
 
     @property
     def partition_plan_id(self) -> str:
@@ -178,26 +208,21 @@ class LoadedModel:
     def run(
         self, inputs: Mapping[str, Array], output_names: Sequence[str]
     ) -> tuple[dict[str, Array], list[tuple[str, float]]]:
-        """Run every stage in order on validated inputs; outputs by name and (stage, seconds)."""
-        values: dict[str, Array] = dict(inputs)
-        timings: list[tuple[str, float]] = []
-        partitioned = len(self._stages) > 1
-        for stage_name, session in self._stages:
-            names = [o.name for o in session.get_outputs()]
-            wanted = [i.name for i in session.get_inputs()]
-            missing = [name for name in wanted if name not in values]
-            if missing:
-                # A tail that takes an input neither the caller nor the head produces: a broken bundle.
-                raise InvalidTensors(f"model {self.name} {self.version}, {stage_name}: no value for inputs {missing}")
-            feed = {name: values[name] for name in wanted}
+        """Run the model on validated inputs; outputs by name and (stage, seconds) per stage."""
+        if self._pipeline is not None:
+            staged = self._pipeline.submit_timed(inputs).result()
+            outputs, timings = staged.outputs, list(staged.timings)
+        else:
+            assert self._single is not None
             started = time.perf_counter()
-            try:
-                results = session.run(names, feed)
-            except ORT_ERRORS as exc:
-                raise InferenceFailed(f"model {self.name} {self.version}, {stage_name}: {exc}") from None
-            timings.append((stage_name if partitioned else "run", time.perf_counter() - started))
-            values.update(zip(names, (np.asarray(r) for r in results), strict=True))
-        return {name: values[name] for name in output_names}, timings
+            outputs = self._single.run(inputs)
+            timings = [("run", time.perf_counter() - started)]
+        return {name: outputs[name] for name in output_names}, timings
+
+    def close(self) -> None:
+        """Finish the requests already accepted and stop the pipeline's threads (no-op for one stage)."""
+        if self._pipeline is not None:
+            self._pipeline.close()
 
 
 @dataclass
@@ -234,18 +259,16 @@ class ModelRuntime:
 
     # --- loading and swapping ------------------------------------------------------------------
 
-    def _session(self, data: bytes, what: str) -> Any:
-        available = set(ort.get_available_providers())
-        # The configured order, restricted to what this build has, with the CPU always last as a fallback.
-        chosen = [p for p in self.providers if p in available and p != CPU_EP] + [CPU_EP]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        try:
-            return ort.InferenceSession(data, sess_options=options, providers=chosen)
-        except ORT_ERRORS as exc:
-            raise ModelLoadError(f"{what}: ONNX Runtime cannot load it: {exc}") from None
+    def _providers(self, manifest: BundleManifest | None) -> tuple[list[str], list[str]]:
+        """What the head and the tail should run on: the plan's providers, else the configured ones."""
+        plan = manifest.partition_plan if manifest is not None else None
+        head = plan.get("headExecutionProvider") if plan else None
+        tail = plan.get("tailExecutionProvider") if plan else None
+        configured = list(self.providers)
+        return (
+            [head, *configured] if isinstance(head, str) and head else configured,
+            [tail, *configured] if isinstance(tail, str) and tail else configured,
+        )
 
     def load(
         self,
@@ -267,12 +290,19 @@ class ModelRuntime:
         with self._lock:
             served = self._models.setdefault((namespace, name), _Served())
             served.loading = True
+        head_providers, tail_providers = self._providers(manifest) if len(order) == 2 else ([*self.providers], [])
+        wanted = [head_providers, tail_providers][: len(order)]
         try:
             stages = [
-                (file.removesuffix(".onnx"), self._session(files[file], f"{namespace}/{name} {version} {file}"))
-                for file in order
+                LocalStage(
+                    files[file],
+                    providers,
+                    self.intra_op_threads,
+                    label=f"model {name} {version}, {file.removesuffix('.onnx')}",
+                )
+                for file, providers in zip(order, wanted, strict=True)
             ]
-            return LoadedModel(namespace, name, version, slot, manifest, stages, self.providers[0])
+            return LoadedModel(namespace, name, version, slot, manifest, stages, [p[0] for p in wanted])
         finally:
             with self._lock:
                 served.loading = False
