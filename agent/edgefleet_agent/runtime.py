@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import ValidationError
 
 from edgefleet_agent.assignments import SlotName
 from edgefleet_agent.errors import (
@@ -36,6 +37,7 @@ from edgefleet_core.bundle.manifest import BundleManifest
 from edgefleet_core.bundle.selftest import ORT_TYPES, SelfTest, check_outputs, generate_inputs
 from edgefleet_core.errors import BundleError
 from edgefleet_core.optimize.runtime import CPU_EP
+from edgefleet_core.partition.plan import PartitionPlan
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,37 @@ def tensor_infos(args: Sequence[Any]) -> tuple[TensorInfo, ...]:
     )
 
 
+def read_partition_plan(manifest: BundleManifest | None, label: str) -> PartitionPlan | None:
+    """The manifest's partition plan, parsed; ``None`` when there is none or it is not a valid plan.
+
+    ``edgefleet publish`` validates the plan before signing it, so an invalid one is an older or
+    hand-made bundle: it still serves (providers are read leniently), only without a plan id.
+    """
+    document = manifest.partition_plan if manifest is not None else None
+    if not document:
+        return None
+    try:
+        return PartitionPlan.model_validate(document)
+    except ValidationError as exc:
+        log.warning("[%s] the manifest's partition plan is not valid, so it has no plan id: %s", label, exc)
+        return None
+
+
+def _in_plan_order(
+    plan: PartitionPlan | None, head: Sequence[Any], tail: Sequence[Any], tail_inputs: Sequence[str]
+) -> list[Any]:
+    """The served outputs: the whole model's, in its order when the plan records it."""
+    # Without the plan's order, head outputs the tail does not read come first (as run_split orders them).
+    default = [*(arg for arg in head if arg.name not in tail_inputs), *tail]
+    if plan is None or not plan.outputs:
+        return default
+    # A cut tensor can be a model output too: the plan's names are looked up in both stages.
+    by_name = {arg.name: arg for arg in (*head, *tail)}
+    if any(name not in by_name for name in plan.outputs):
+        return default
+    return [by_name[name] for name in plan.outputs]
+
+
 class LoadedModel:
     """The sessions of one model version, ready to run (safe to share between threads).
 
@@ -140,6 +173,8 @@ class LoadedModel:
         self.version = version
         self.slot = slot
         self.manifest = manifest
+        self.partition_plan = read_partition_plan(manifest, f"{namespace}/{name} {version}")
+        self._plan_id = self.partition_plan.plan_id if self.partition_plan is not None else ""
         self.execution_providers = tuple(stage.execution_provider for stage in stages)
         self.degraded = any(got != want for got, want in zip(self.execution_providers, wanted_providers, strict=True))
         """A stage runs on a fallback provider (e.g. the CPU while the plan names an accelerator)."""
@@ -154,10 +189,7 @@ class LoadedModel:
         # Tail inputs the head does not compute are graph inputs the tail reads directly (forwarded).
         forwarded = [arg for arg in tail.inputs if arg.name not in head.output_names]
         self.inputs = tensor_infos([*head.inputs, *(a for a in forwarded if a.name not in head.input_names)])
-        # Head outputs the tail does not read are graph outputs the head computes; model order is not
-        # recorded in the bundle, so they come first (as run_split orders them without it).
-        head_only = [arg for arg in head.outputs if arg.name not in tail.input_names]
-        self.outputs = tensor_infos([*head_only, *tail.outputs])
+        self.outputs = tensor_infos(_in_plan_order(self.partition_plan, head.outputs, tail.outputs, tail.input_names))
         self._pipeline = PipelinedExecutor(
             head,
             tail,
@@ -169,12 +201,8 @@ class LoadedModel:
 
     @property
     def partition_plan_id(self) -> str:
-        """The partition plan's content id from the manifest, empty when unpartitioned."""
-        plan = self.manifest.partition_plan if self.manifest is not None else None
-        if not plan:
-            return ""
-        plan_id = plan.get("planId", plan.get("id", ""))
-        return plan_id if isinstance(plan_id, str) else ""
+        """:attr:`PartitionPlan.plan_id` of the manifest's plan (sha256 of its canonical JSON); empty without one."""
+        return self._plan_id
 
     def validate(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> list[str]:
         """Check inputs against the graph; the output names to return. :class:`InvalidTensors` names the problem."""

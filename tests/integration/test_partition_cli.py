@@ -108,3 +108,61 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     assert code == 1
     assert "not an edgefleet partition output" in err
     assert (taken / "mine.txt").read_text(encoding="utf-8") == "keep"
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(build_app(), ["partition", "run", *args], env={"COLUMNS": "250"})
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def planned(tmp_path: Path) -> Path:
+    """A `partition plan --out` folder of the tiny CNN, a stream of inputs, and the model, all in tmp_path."""
+    model = tiny_cnn()
+    path = _model(tmp_path, model, "model")
+    code, out, err = partition(
+        str(path), "--device-class", str(JETSON), "--runs", "1", "--cut", "r1", "--out", str(tmp_path / "p")
+    )
+    assert code == 0, out + err
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "stream.npz", input=rng.normal(0, 1, (6, 1, 8, 8)).astype(np.float32))
+    return tmp_path / "p"
+
+
+@pytest.mark.parametrize("mode", ["--pipelined", "--sequential"])
+def test_run_streams_inputs_through_head_and_tail(planned: Path, mode: str) -> None:
+    stream, model = planned.parent / "stream.npz", planned.parent / "model.onnx"
+    code, out, err = _run(str(planned), "--inputs", str(stream), "--requests", "20", mode, "--model", str(model),
+                          "--json")  # fmt: skip
+    assert code == 0, out + err
+    result = json.loads(out)
+    assert result["mode"] == mode.removeprefix("--")
+    assert result["requests"] == 20
+    assert result["throughputPerS"] > 0
+    assert 0 < result["latencyMs"]["p50"] <= result["latencyMs"]["p95"]
+    assert result["checkedInputs"] == 6  # every distinct sample, bit for bit against the whole model
+    assert result["planId"] == hashlib.sha256((planned / "plan.json").read_bytes()).hexdigest()
+    assert result["tailExecutionProvider"] == "CPUExecutionProvider"  # no TensorRT here
+    code, out, err = _run(str(planned), "--inputs", str(stream), "--requests", "3")
+    assert code == 0, out + err
+    assert "pipelined: 3 requests" in err
+    assert "second CPU session" in err
+
+
+def test_run_refuses_bad_inputs(planned: Path, tmp_path: Path) -> None:
+    stream = planned.parent / "stream.npz"
+    code, _, err = _run(str(tmp_path / "nowhere"), "--inputs", str(stream))
+    assert code == 1
+    assert "not a `partition plan --out` folder" in err
+    np.savez(tmp_path / "wrong.npz", other=np.zeros((2, 1, 8, 8), np.float32))
+    code, _, err = _run(str(planned), "--inputs", str(tmp_path / "wrong.npz"))
+    assert code == 1
+    assert "needs ['input']" in err
+    (tmp_path / "junk.npz").write_text("junk", encoding="utf-8")
+    code, _, err = _run(str(planned), "--inputs", str(tmp_path / "junk.npz"))
+    assert code == 1
+    assert "not an NPZ" in err
+    other = _model(tmp_path, tiny_cnn(seed=9), "other")
+    code, _, err = _run(str(planned), "--inputs", str(stream), "--model", str(other))
+    assert code == 1
+    assert "not the model the plan was made for" in err

@@ -13,6 +13,8 @@ import typer
 from edgefleet_core.errors import EdgeFleetError
 
 if TYPE_CHECKING:
+    import onnx
+
     from edgefleet_core.bundle.distribution import BuiltBundle
     from edgefleet_core.bundle.selftest import SelfTest
 
@@ -28,6 +30,8 @@ Namespace = Annotated[str, typer.Option(help="Namespace of the EdgeModel.")]
 MAX_REPORT_BYTES = 16 * 1024 * 1024
 MAX_GOLDEN_BYTES = 1024 * 1024
 """Sample inputs go into the signed manifest, which caps the self-test at 64 KiB; 1 MiB of NPZ is plenty."""
+MAX_PLAN_BYTES = 1024 * 1024
+"""A partition plan is a few KiB per candidate; it goes into the signed manifest."""
 
 
 def _fail(message: str) -> typer.Exit:
@@ -86,6 +90,45 @@ def _self_test(files: dict[str, bytes], golden_data: Path | None, latency_slo_ms
     return make_self_test(files, inputs=inputs, latency_slo_ms=latency_slo_ms)
 
 
+def _check_files(names: list[str], partition_plan: Path | None) -> None:
+    """The files a bundle may carry, and a plan exactly when they are a head and a tail."""
+    if len(set(names)) != len(names):
+        raise _fail(f"two files share a name: {sorted(names)}; a bundle holds each of its files once")
+    if sorted(names) not in (["model.onnx"], ["head.onnx", "tail.onnx"]):
+        raise _fail(
+            f"a bundle holds model.onnx, or head.onnx and tail.onnx (a partitioned model); got {sorted(names)}: "
+            "name the files so (devices load them by these names)"
+        )
+    partitioned = sorted(names) == ["head.onnx", "tail.onnx"]
+    if partition_plan is not None and not partitioned:
+        raise _fail("--partition-plan goes with head.onnx and tail.onnx; model.onnx is the whole model, not a split")
+    if partition_plan is None and partitioned:
+        raise _fail(
+            "head.onnx and tail.onnx need --partition-plan (the plan.json `edgefleet partition plan --out` wrote "
+            "beside them): devices read from it where each part runs"
+        )
+
+
+def _partition_plan(path: Path, models: dict[str, onnx.ModelProto]) -> dict[str, Any]:
+    """The plan, validated and checked against the head and tail, as the manifest carries it."""
+    from pydantic import ValidationError
+
+    from edgefleet_core.partition.plan import PartitionPlan, check_head_tail
+
+    if path.stat().st_size > MAX_PLAN_BYTES:
+        raise EdgeFleetError(f"{path}: a partition plan is at most {MAX_PLAN_BYTES} bytes")
+    try:
+        plan = PartitionPlan.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the document"
+        raise EdgeFleetError(f"{path}: not an edgefleet partition plan ({where}: {first['msg']})") from None
+    check_head_tail(plan, models["head.onnx"], models["tail.onnx"])
+    # The canonical form is what `partition plan --out` wrote: the plan id stays the same once signed.
+    document: dict[str, Any] = json.loads(plan.canonical_json())
+    return document
+
+
 def _echo_published(bundles: list[BuiltBundle], decoded: int, self_test: SelfTest | None) -> None:
     for built in bundles:
         encoded = sum(len(p) for p in built.payloads.values())
@@ -134,6 +177,12 @@ def publish(
     no_self_test: Annotated[
         bool, typer.Option("--no-self-test", help="Publish without self-test data (devices only load the model).")
     ] = False,
+    partition_plan: Annotated[
+        Path | None,
+        typer.Option(
+            "--partition-plan", help="plan.json of `edgefleet partition plan --out`: required with head and tail."
+        ),
+    ] = None,
     endpoint: Endpoint = None,
     access_key: AccessKey = None,
     secret_key: SecretKey = None,
@@ -141,7 +190,8 @@ def publish(
     """Encode, sign and publish a bundle; with an earlier version present, a delta bundle too.
 
     The manifest carries a self-test (golden inputs and the outputs ONNX Runtime gives on the CPU)
-    that devices run before a new version takes traffic.
+    that devices run before a new version takes traffic; for a head and a tail, also the partition
+    plan (signed with the bundle), which tells devices where each runs.
     """
     from edgefleet_core.bundle.distribution import (
         BundleRef,
@@ -158,20 +208,13 @@ def publish(
     from edgefleet_core.signing.repository import TufRepository
     from edgefleet_core.store.url import open_store
 
-    names = [path.name for path in files]
-    if len(set(names)) != len(names):
-        raise _fail(f"two files share a name: {sorted(names)}; a bundle holds each of its files once")
-    if sorted(names) not in (["model.onnx"], ["head.onnx", "tail.onnx"]):
-        raise _fail(
-            f"a bundle holds model.onnx, or head.onnx and tail.onnx (a partitioned model); got {sorted(names)}: "
-            "name the files so (devices load them by these names)"
-        )
+    _check_files([path.name for path in files], partition_plan)
     if no_self_test and (golden_data is not None or latency_slo_ms is not None):
         raise _fail("--no-self-test leaves no self-test for --golden-data or --latency-slo-ms")
     try:
         contents = {path.name: path.read_bytes() for path in files}
-        for name, data in contents.items():
-            parse_model(data, name)  # never sign something that is not a model
+        models = {name: parse_model(data, name) for name, data in contents.items()}  # never sign a non-model
+        plan = None if partition_plan is None else _partition_plan(partition_plan, models)
         facts = _report_facts(report, contents)
         self_test = None if no_self_test else _self_test(contents, golden_data, latency_slo_ms)
         artifacts = open_store(store, endpoint=endpoint, access_key=access_key, secret_key=secret_key)
@@ -194,7 +237,7 @@ def publish(
             if earlier:
                 previous = fetch_bundle(client, BundleRef(namespace, model, device_class, earlier[-1]))
                 base = (earlier[-1], previous.files)
-        bundles = build_bundles(contents, ref, version, partition_plan=None, base=base, self_test=self_test, **facts)
+        bundles = build_bundles(contents, ref, version, partition_plan=plan, base=base, self_test=self_test, **facts)
         versions = publish_bundles(repository, bundles)
     except EdgeFleetError as exc:
         raise _fail(str(exc)) from None

@@ -40,6 +40,7 @@ __all__ = [
     "Policy",
     "SegmentCosts",
     "accelerator_link",
+    "check_head_tail",
     "choose",
     "measure_candidates",
     "plan_from_costs",
@@ -110,6 +111,9 @@ class PartitionPlan(_PlanModel):
     candidates: Annotated[list[Candidate], Field(min_length=1)]
     chosen_cut: int | None
     """``cutIndex`` of the chosen candidate; ``None``: no split."""
+    outputs: Annotated[list[str], Field(max_length=4096)] = Field(default_factory=list)
+    """The whole model's output names in its order, so a head and a tail serve them in that order.
+    Empty in plans made before it was recorded (then it is left out of the canonical JSON)."""
 
     @property
     def chosen(self) -> Candidate:
@@ -122,6 +126,8 @@ class PartitionPlan(_PlanModel):
     def canonical_json(self) -> bytes:
         """Sorted keys, no spaces, ASCII: the bytes ``plan_id`` hashes and ``plan.json`` holds."""
         document = self.model_dump(mode="json", by_alias=True)
+        if not self.outputs:  # plans made before ``outputs`` existed keep their bytes and their id
+            del document["outputs"]
         return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
             "ascii"
         )
@@ -198,6 +204,7 @@ def plan_from_costs(
     runs: int,
     max_tensors: int,
     manual_cut: Sequence[str] | None = None,
+    outputs: Sequence[str] = (),
 ) -> PartitionPlan:
     """Price every candidate and choose one (pure: the same costs give the same plan, byte for byte)."""
     link = accelerator_link(device_class)
@@ -227,6 +234,7 @@ def plan_from_costs(
         manual_cut=sorted(manual_cut) if manual_cut is not None else None,
         candidates=candidates,
         chosen_cut=chosen.cut_index,
+        outputs=list(outputs),
     )
 
 
@@ -321,6 +329,7 @@ def plan_partition(
         runs=runs,
         max_tensors=max_tensors,
         manual_cut=manual_cut,
+        outputs=[o.name for o in model.graph.output],
     )
     if measure:
         plan = measure_candidates(
@@ -340,6 +349,46 @@ def split_for(model: onnx.ModelProto, plan: PartitionPlan, candidate: Candidate 
             f"cut {', '.join(target.tensors)} is at {split.cut.index}, the plan says {target.cut_index}"
         )
     return split
+
+
+def _graph_names(values: Sequence[onnx.ValueInfoProto], initializers: Sequence[onnx.TensorProto]) -> list[str]:
+    constant = {i.name for i in initializers}
+    return [v.name for v in values if v.name not in constant]
+
+
+def check_head_tail(plan: PartitionPlan, head: onnx.ModelProto, tail: onnx.ModelProto) -> None:
+    """Raise :class:`PartitionError` unless ``head`` and ``tail`` are what ``plan``'s chosen cut makes.
+
+    Without the whole model the digests cannot be compared; what can be is the cut itself: its
+    tensors are outputs of the head and inputs of the tail, every other tail input is a graph input
+    (something the head takes too, or forwarded), and the two serve the plan's outputs together.
+    """
+    chosen = plan.chosen
+    if chosen.cut_index is None:
+        raise PartitionError("the plan chooses no split: publish the whole model as model.onnx instead")
+    head_outputs = [o.name for o in head.graph.output]
+    tail_inputs = _graph_names(tail.graph.input, tail.graph.initializer)
+    tail_outputs = [o.name for o in tail.graph.output]
+    absent = [t for t in chosen.tensors if t not in head_outputs]
+    if absent:
+        raise PartitionError(f"the plan's cut tensor {absent[0]!r} is not an output of the head", absent)
+    absent = [t for t in chosen.tensors if t not in tail_inputs]
+    if absent:
+        raise PartitionError(f"the plan's cut tensor {absent[0]!r} is not an input of the tail", absent)
+    # Anything else the tail reads must be a graph input the node has at hand, never a head tensor
+    # the plan does not say crosses the link.
+    stray = [t for t in tail_inputs if t not in chosen.tensors and t in head_outputs]
+    if stray:
+        raise PartitionError(f"the tail reads head output {stray[0]!r}, which is not in the plan's cut", stray)
+    if plan.outputs:
+        # A cut tensor may be a model output too, so head outputs are not all cut tensors or outputs.
+        missing = [o for o in plan.outputs if o not in head_outputs and o not in tail_outputs]
+        extra = [o for o in tail_outputs if o not in plan.outputs]
+        if missing or extra:
+            raise PartitionError(
+                f"head and tail do not serve the plan's outputs {plan.outputs}: missing {missing}, extra {extra}",
+                [*missing, *extra],
+            )
 
 
 def _whole_request(
