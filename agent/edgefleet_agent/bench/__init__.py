@@ -1,0 +1,1 @@
+"""The agent's benchmarks, registered as ``edgefleet bench …`` through the ``edgefleet.bench`` entry point."""
