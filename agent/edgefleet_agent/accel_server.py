@@ -39,7 +39,7 @@ from edgefleet_agent.inference_server import (
     MAX_ERROR_MESSAGE,
     MAX_STREAM_REQUEST_BYTES,
     MAX_TENSORS,
-    is_local_address,
+    start_device_local,
     status_code,
     tensor_spec,
     to_array,
@@ -531,16 +531,7 @@ async def start_accel_server(
     Returns the server and the bound port (0 for a Unix socket). Insecure on purpose (it runs next
     to the agent); a non-loopback address is allowed but logged.
     """
-    if not is_local_address(listen):
-        log.warning(
-            "the accelerator server listens on %s without TLS: it is meant for loopback or a Unix socket", listen
-        )
     server = aio.server()
     service = StageService(models_dir, providers=providers, intra_op_threads=intra_op_threads)
     inference_pb2_grpc.add_AcceleratorStageServicer_to_server(AcceleratorStageServicer(service), server)
-    try:
-        port = server.add_insecure_port(listen)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {listen}: {exc}") from None
-    await server.start()
-    return server, 0 if listen.startswith("unix") else port
+    return server, await start_device_local(server, listen, "the accelerator server")

@@ -471,13 +471,22 @@ async def start_inference_server(runtime: ModelRuntime, namespace: str, listen: 
     device-local API; a non-loopback address is allowed but logged, since anyone who reaches it
     can run the models.
     """
-    if not is_local_address(listen):
-        log.warning("the inference API listens on %s without TLS: it is meant for loopback or a Unix socket", listen)
     server = aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(runtime, namespace), server)
+    return server, await start_device_local(server, listen, "the inference API")
+
+
+async def start_device_local(server: aio.Server, listen: str, what: str) -> int:
+    """Bind ``server`` without TLS to ``listen`` and start it; the bound port (0 for a Unix socket).
+
+    The device-local APIs are insecure on purpose; a non-loopback address is allowed but logged,
+    since anyone who reaches it can use what it serves.
+    """
+    if not is_local_address(listen):
+        log.warning("%s listens on %s without TLS: it is meant for loopback or a Unix socket", what, listen)
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {listen}: {exc}") from None
     await server.start()
-    return server, 0 if listen.startswith("unix") else port
+    return 0 if listen.startswith("unix") else port
