@@ -19,10 +19,12 @@ from edgefleet_agent.runtime import ModelRuntime
 from edgefleet_agent.updater import Updater
 from edgefleet_core.bundle.manifest import parse_manifest
 from edgefleet_core.cli.main import build_app
+from edgefleet_core.cli.optimize_cmd import load_device_class
 from edgefleet_core.optimize.model_io import serialize
 from edgefleet_core.optimize.runtime import run, session
-from edgefleet_core.partition.cuts import VERIFY_OPTIMIZATION
-from edgefleet_core.partition.plan import PartitionPlan
+from edgefleet_core.partition.cuts import VERIFY_OPTIMIZATION, verify_split
+from edgefleet_core.partition.plan import PartitionPlan, plan_partition, split_for
+from edgefleet_core.partition.profile import example_inputs
 from edgefleet_core.signing import StoreFetcher, TufClient
 from edgefleet_core.store.local import LocalStore
 from tests.support.tiny_models import wide_mlp
@@ -148,3 +150,49 @@ def test_publish_refuses_a_plan_that_does_not_fit(planned: Path, tmp_path: Path)
     assert code == 1
     assert "not an edgefleet partition plan" in output
     assert not (store / "tuf" / "targets").exists() or not any((store / "tuf" / "targets").rglob("*.eft"))
+
+
+def test_a_plan_that_splits_an_operator_installs_and_serves_the_whole_models_outputs(tmp_path: Path) -> None:
+    """The planner's fission candidate (the hidden MatMul in two parts) through publish, install and serving."""
+    whole = wide_mlp(width=256)
+    inputs = example_inputs(whole, batch=16)
+    planned = plan_partition(whole, load_device_class(JETSON), policy="throughput", inputs=inputs, runs=2, warmup=1)
+    fissioned = next(c for c in planned.candidates if c.fission is not None and c.fission.output == "h1")
+    assert fissioned.fission is not None
+    # Deploy that candidate whatever the timings on this machine said.
+    plan = planned.model_copy(update={"chosen_cut": fissioned.cut_index, "chosen_fission": fissioned.fission.output})
+    split = split_for(whole, plan)
+    verify_split(whole, split, inputs)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "head.onnx").write_bytes(serialize(split.head))
+    (parts / "tail.onnx").write_bytes(serialize(split.tail))
+    (parts / "plan.json").write_bytes(plan.canonical_json())
+
+    keys, store = tmp_path / "keys", tmp_path / "store"
+    assert cli("keys", "init", str(keys))[0] == 0
+    code, output = publish(store, keys, "1.0.0", str(parts / "head.onnx"), str(parts / "tail.onnx"),
+                           "--partition-plan", str(parts / "plan.json"))  # fmt: skip
+    assert code == 0, output
+
+    state = tmp_path / "device"
+    client = TufClient(StoreFetcher(LocalStore(store)), (keys / "root.json").read_bytes(), state / "tuf" / "metadata")
+    path = f"{DEVICE_CLASS}/demo/mlp/1.0.0/manifest.json"
+    info = client.target_info(path)
+    assert info is not None
+    assignment = AssignmentSpec(revision=1, model_namespace="demo", model_name="mlp", version="1.0.0",
+                                action="install", target_paths=(path,), bundle_sha256=info.hashes["sha256"],
+                                bundle_length=info.length)  # fmt: skip
+    updater = Updater(state, DEVICE_CLASS, ModelRuntime(), lambda: client)
+    result = updater.apply(assignment)
+    assert (result.outcome, result.reason) == ("succeeded", "Installed"), result.message
+    [status] = updater.runtime.status("demo", "mlp")
+    assert status.partition_plan_id == plan.plan_id
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        feed = {"x": rng.normal(0, 1, (4, 64)).astype(np.float32)}
+        [(name, got)] = updater.runtime.predict("mlp", feed, namespace="demo").outputs
+        (want,) = run(session(whole, optimization=VERIFY_OPTIMIZATION), ["y"], feed)
+        assert name == "y"
+        assert (got.dtype, got.shape, got.tobytes()) == (want.dtype, want.shape, want.tobytes())
+    updater.runtime.unload("demo", "mlp")

@@ -54,7 +54,7 @@ def _print_plan(console: Console, plan: PartitionPlan) -> None:
         table.add_column("measured latency ms", justify="right")
     for c in plan.candidates:
         row = [
-            "no split" if c.cut_index is None else str(c.cut_index),
+            c.label,
             ", ".join(c.tensors) or "-",
             str(c.bytes),
             _ms(c.head_ms),
@@ -65,14 +65,14 @@ def _print_plan(console: Console, plan: PartitionPlan) -> None:
         ]
         if measured:
             row.append(_ms(c.measured_latency_ms))
-        chosen = c.cut_index == plan.chosen_cut
+        chosen = c.key == plan.chosen.key
         table.add_row(*row, style="bold green" if chosen else None)
     console.print(table)
     best = plan.chosen
     where = (
         "no split, the whole model on the node CPU"
         if best.cut_index is None
-        else f"cut {best.cut_index} ({', '.join(best.tensors)})"
+        else f"{best.label}: {', '.join(best.tensors)}"
     )
     console.print(f"chosen: {where}; plan {plan.plan_id}")
     if measured:
@@ -107,6 +107,13 @@ def plan(
     max_tensors: Annotated[
         int, typer.Option("--max-tensors", min=1, max=32, help="Most tensors a candidate cut may cross.")
     ] = 4,
+    fission: Annotated[
+        bool,
+        typer.Option(
+            help="Also try the heaviest Conv/Gemm/MatMul split in two along its output channels, "
+            "so a cut can fall inside it (offered only when exact)."
+        ),
+    ] = True,
 ) -> None:
     """Profile the candidate cuts of MODEL for a device class and choose one."""
     # ONNX Runtime and the planner only when the command runs.
@@ -139,6 +146,7 @@ def plan(
             max_tensors=max_tensors,
             manual_cut=cut or None,
             measure=measure,
+            fission=fission,
         )
         if as_json:
             typer.echo(json.dumps({"planId": result.plan_id, "plan": json.loads(result.canonical_json())}, indent=2))

@@ -37,9 +37,11 @@ __all__ = [
     "CutTensor",
     "PartitionError",
     "SplitModel",
+    "cut_after",
     "enumerate_cuts",
     "run_split",
     "split_model",
+    "tensors_read",
     "verify_split",
 ]
 
@@ -176,6 +178,11 @@ def _node_subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return reads
 
 
+def tensors_read(node: onnx.NodeProto) -> set[str]:
+    """Every tensor ``node`` reads: its inputs and what its subgraphs read from enclosing scopes."""
+    return {n for n in node.input if n} | _node_subgraph_reads(node)
+
+
 def _is_constant(node: onnx.NodeProto) -> bool:
     return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
 
@@ -253,7 +260,7 @@ def _analyse(model: onnx.ModelProto) -> _Graph:
         raise PartitionError("the model's external data is not loaded; load it (load_model does) before splitting")
     constants = {n.output[0]: n for n in graph.node if _is_constant(n) and n.output}
     computed = [n for n in graph.node if not _is_constant(n)]
-    all_reads = [{n for n in node.input if n} | _node_subgraph_reads(node) for node in computed]
+    all_reads = [tensors_read(node) for node in computed]
     positions = _topological_order(computed, all_reads)
     order = [computed[i] for i in positions]
     reads = [all_reads[i] for i in positions]
@@ -342,6 +349,32 @@ def enumerate_cuts(model: onnx.ModelProto, *, max_tensors: int = 4) -> list[CutP
             )
         )
     return cuts
+
+
+def cut_after(model: onnx.ModelProto, tensor: str) -> CutPoint:
+    """The frontier right after the node computing ``tensor`` in the model's order, however many
+    tensors cross it (:func:`enumerate_cuts` keeps to ``max_tensors``; a planner placing a cut at a
+    given operator needs that one frontier)."""
+    view = _analyse(model)
+    position = view.producer.get(tensor)
+    if position is None:
+        raise PartitionError(f"no node of the model computes {tensor!r}", [tensor])
+    k = position + 1
+    count = len(view.order)
+    if k >= count:
+        raise PartitionError(f"{tensor!r} is computed by the last node: a cut after it leaves no tail", [tensor])
+    live = sorted(n for n, p in view.producer.items() if p < k and any(u >= k for u in view.consumers.get(n, ())))
+    tensors = [_cut_tensor(view, name) for name in live]
+    untyped = [name for name, t in zip(live, tensors, strict=True) if t is None]
+    if untyped:
+        raise PartitionError(f"tensor {untyped[0]!r} has no type shape inference can tell; it cannot cross", untyped)
+    return CutPoint(
+        index=k,
+        tensors=tuple(t for t in tensors if t is not None),
+        head_nodes=k,
+        tail_nodes=count - k,
+        forwarded=tuple(t for t in _forwarded(view, k) if t is not None),
+    )
 
 
 def _forwarded(view: _Graph, k: int) -> list[CutTensor | None]:

@@ -29,13 +29,22 @@ from pydantic.alias_generators import to_camel
 
 from edgefleet_core.optimize.model_io import model_digest
 from edgefleet_core.optimize.runtime import CPU_EP, can_run, run, session
-from edgefleet_core.partition.cuts import PartitionError, SplitModel, enumerate_cuts, split_model
+from edgefleet_core.partition.cuts import (
+    PartitionError,
+    SplitModel,
+    cut_after,
+    enumerate_cuts,
+    split_model,
+    verify_split,
+)
+from edgefleet_core.partition.fission import apply_fission, balanced_split, fission_sites
 from edgefleet_core.partition.profile import DEFAULT_RUNS, DEFAULT_WARMUP, example_inputs, profile_model
 from edgefleet_core.resources.device_class import AcceleratorLink, DeviceClass
 
 __all__ = [
     "PLAN_API_VERSION",
     "Candidate",
+    "Fission",
     "PartitionPlan",
     "Policy",
     "SegmentCosts",
@@ -61,6 +70,21 @@ class _PlanModel(BaseModel):
     )
 
 
+class Fission(_PlanModel):
+    """An operator the candidate computes in two parts, split along its output channels.
+
+    The head computes the first ``parts[0]`` channels, the tail the rest and the ``Concat`` (see
+    :mod:`edgefleet_core.partition.fission`); the candidate's cut and tensors are those of the
+    model with that operator split.
+    """
+
+    output: Annotated[str, Field(min_length=1, max_length=1024)]
+    """The split operator's output tensor (it keeps its name: the Concat computes it)."""
+    op_type: Literal["Conv", "Gemm", "MatMul"]
+    parts: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]
+    """Output channels computed by the head's part, then by the tail's part."""
+
+
 class Candidate(_PlanModel):
     """One way to run the model: a cut (head on the CPU, tail on the accelerator) or no split."""
 
@@ -83,11 +107,29 @@ class Candidate(_PlanModel):
     """Measured head then tail, end to end in this process (no link: it is modelled, not here)."""
     measured_latency_ms: Annotated[float, Field(ge=0)] | None = None
     """``measured_ms`` plus the modelled ``transfer_ms``: comparable with ``latency_ms``."""
+    fission: Fission | None = None
+    """The operator this candidate splits in two, when a cut inside it balances the stages better
+    than any cut between operators; ``None`` for a plain cut (left out of the canonical JSON)."""
 
     @property
     def is_split(self) -> bool:
         """Whether this candidate cuts the model (``False``: the whole model on the node CPU)."""
         return self.cut_index is not None
+
+    @property
+    def key(self) -> tuple[int | None, str | None]:
+        """What identifies the candidate in its plan: the cut index alone repeats across fissions."""
+        return self.cut_index, self.fission.output if self.fission is not None else None
+
+    @property
+    def label(self) -> str:
+        """How people read the candidate: ``no split``, ``cut 7``, ``cut 7 inside convs.2 (80/48)``."""
+        if self.cut_index is None:
+            return "no split"
+        if self.fission is None:
+            return f"cut {self.cut_index}"
+        head, tail = self.fission.parts
+        return f"cut {self.cut_index} inside {self.fission.output} ({head}/{tail})"
 
 
 class PartitionPlan(_PlanModel):
@@ -111,6 +153,9 @@ class PartitionPlan(_PlanModel):
     candidates: Annotated[list[Candidate], Field(min_length=1)]
     chosen_cut: int | None
     """``cutIndex`` of the chosen candidate; ``None``: no split."""
+    chosen_fission: str | None = None
+    """``fission.output`` of the chosen candidate when it splits an operator (then ``chosenCut`` is
+    an index of the model with that operator split); left out of the canonical JSON when ``None``."""
     outputs: Annotated[list[str], Field(max_length=4096)] = Field(default_factory=list)
     """The whole model's output names in its order, so a head and a tail serve them in that order.
     Empty in plans made before it was recorded (then it is left out of the canonical JSON)."""
@@ -119,15 +164,22 @@ class PartitionPlan(_PlanModel):
     def chosen(self) -> Candidate:
         """The chosen candidate."""
         for candidate in self.candidates:
-            if candidate.cut_index == self.chosen_cut:
+            if candidate.key == (self.chosen_cut, self.chosen_fission):
                 return candidate
-        raise PartitionError(f"plan chooses cut {self.chosen_cut}, which is not among its candidates")
+        inside = f" inside {self.chosen_fission}" if self.chosen_fission is not None else ""
+        raise PartitionError(f"plan chooses cut {self.chosen_cut}{inside}, which is not among its candidates")
 
     def canonical_json(self) -> bytes:
         """Sorted keys, no spaces, ASCII: the bytes ``plan_id`` hashes and ``plan.json`` holds."""
         document = self.model_dump(mode="json", by_alias=True)
-        if not self.outputs:  # plans made before ``outputs`` existed keep their bytes and their id
+        # Fields added after v1 shipped are left out while unset, so older plans keep their bytes and id.
+        if not self.outputs:
             del document["outputs"]
+        if self.chosen_fission is None:
+            del document["chosenFission"]
+        for candidate in document["candidates"]:
+            if candidate["fission"] is None:
+                del candidate["fission"]
         return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
             "ascii"
         )
@@ -148,6 +200,7 @@ class SegmentCosts:
     output_nbytes: int
     head_ms: float
     tail_ms: float
+    fission: Fission | None = None
 
 
 def accelerator_link(device_class: DeviceClass) -> AcceleratorLink:
@@ -180,18 +233,25 @@ def price(costs: SegmentCosts, link: AcceleratorLink) -> Candidate:
         tail_ms=costs.tail_ms,
         latency_ms=costs.head_ms + transfer_ms + costs.tail_ms,
         throughput_per_s=1000.0 / slowest,
+        fission=costs.fission,
     )
 
 
 def choose(candidates: Sequence[Candidate], policy: Policy) -> Candidate:
-    """The best candidate for ``policy``; ties go to no split, then to the earlier cut."""
+    """The best candidate for ``policy``; ties go to no split, then to the earlier cut, then to a plain cut."""
 
-    def tie(candidate: Candidate) -> int:
-        return -1 if candidate.cut_index is None else candidate.cut_index
+    def tie(candidate: Candidate) -> tuple[int, str]:
+        return _order(candidate)
 
     if policy == "latency":
         return min(candidates, key=lambda c: (c.latency_ms, tie(c)))
     return min(candidates, key=lambda c: (-c.throughput_per_s, tie(c)))
+
+
+def _order(candidate: Candidate) -> tuple[int, str]:
+    # No split first, then by cut index; a plain cut before a fission at the same index.
+    index = -1 if candidate.cut_index is None else candidate.cut_index
+    return index, candidate.fission.output if candidate.fission is not None else ""
 
 
 def plan_from_costs(
@@ -210,12 +270,12 @@ def plan_from_costs(
     link = accelerator_link(device_class)
     accelerator = device_class.spec.accelerator
     assert accelerator is not None  # accelerator_link refused a class without one
-    candidates = sorted((price(c, link) for c in costs), key=lambda c: -1 if c.cut_index is None else c.cut_index)
+    candidates = sorted((price(c, link) for c in costs), key=_order)
     if not any(c.cut_index is None for c in candidates):
         raise PartitionError("the costs have no whole-model baseline (no split is always a candidate)")
     if manual_cut is not None:
         wanted = sorted(manual_cut)
-        matches = [c for c in candidates if c.cut_index is not None and c.tensors == wanted]
+        matches = [c for c in candidates if c.cut_index is not None and c.fission is None and c.tensors == wanted]
         if not matches:
             raise PartitionError(f"the manual cut {', '.join(wanted)} is not among the candidates")
         chosen = matches[0]
@@ -234,6 +294,7 @@ def plan_from_costs(
         manual_cut=sorted(manual_cut) if manual_cut is not None else None,
         candidates=candidates,
         chosen_cut=chosen.cut_index,
+        chosen_fission=chosen.fission.output if chosen.fission is not None else None,
         outputs=list(outputs),
     )
 
@@ -261,6 +322,80 @@ def _tail_provider(device_class: DeviceClass) -> tuple[str, str]:
     return wanted, (wanted if can_run(wanted) else CPU_EP)
 
 
+def _split_costs(
+    split: SplitModel,
+    feed: Mapping[str, np.ndarray],
+    graph_outputs: set[str],
+    tail_ep: str,
+    *,
+    runs: int,
+    warmup: int,
+    intra_op_threads: int,
+    fission: Fission | None = None,
+) -> SegmentCosts:
+    """Time ``split``'s head on the CPU, then its tail on ``tail_ep`` fed with the head's real outputs."""
+    head, head_outputs = profile_model(split.head, feed, runs=runs, warmup=warmup, intra_op_threads=intra_op_threads)
+    tail, tail_outputs = profile_model(
+        split.tail,
+        _tail_feed(split, feed, head_outputs),
+        execution_provider=tail_ep,
+        runs=runs,
+        warmup=warmup,
+        intra_op_threads=intra_op_threads,
+    )
+    # The cut tensors, and the graph inputs the tail reads directly, all cross the link.
+    crossing = split.cut.nbytes()
+    if crossing is None:  # a dimension the model leaves open: count what actually crossed
+        crossing = sum(int(head_outputs[t.name].nbytes) for t in split.cut.tensors)
+    forwarded = split.cut.forwarded_nbytes()
+    if forwarded is None:
+        forwarded = sum(int(feed[t.name].nbytes) for t in split.cut.forwarded)
+    return SegmentCosts(
+        split.cut.index,
+        tuple(t.name for t in split.cut.tensors),
+        crossing + forwarded,
+        _tail_output_nbytes(split, tail_outputs, graph_outputs),
+        head.median_ms,
+        tail.median_ms,
+        fission,
+    )
+
+
+# An operator is worth splitting when it alone takes this share of the whole model: then no cut
+# between operators can bring the slower stage near half the model's time.
+FISSION_SHARE: Final = 0.2
+FISSION_SITES: Final = 3
+"""At most this many operators (the heaviest) are tried split."""
+
+
+def _fission_candidates(
+    model: onnx.ModelProto, whole_ms: float, plain: Sequence[SegmentCosts]
+) -> list[tuple[Fission, float]]:
+    """Operators heavy enough to split, with the head's share of channels that balances the stages.
+
+    The operator's cost is the difference between the heads just after and just before it (both
+    plain cuts already measured); operators without both measured cuts are skipped.
+    """
+    measured = {c.cut_index: c for c in plain if c.cut_index is not None}
+    found: list[tuple[Fission, float]] = []
+    for site in fission_sites(model):
+        try:
+            after = cut_after(model, site.output).index
+        except PartitionError:
+            continue  # the last operator: nothing would follow it in the tail
+        before_ms = 0.0 if after == 1 else measured[after - 1].head_ms if (after - 1) in measured else None
+        if before_ms is None or after not in measured:
+            continue
+        operator_ms = measured[after].head_ms - before_ms
+        if operator_ms < FISSION_SHARE * whole_ms:
+            continue
+        head = balanced_split(site.channels, before_ms, operator_ms, measured[after].tail_ms)
+        parts = [head, site.channels - head]
+        found.append((Fission(output=site.output, op_type=site.op_type, parts=parts), operator_ms))
+    found.sort(key=lambda pair: -pair[1])
+    return found[:FISSION_SITES]
+
+
 def plan_partition(
     model: onnx.ModelProto,
     device_class: DeviceClass,
@@ -273,13 +408,17 @@ def plan_partition(
     intra_op_threads: int = 1,
     manual_cut: Sequence[str] | None = None,
     measure: bool = False,
+    fission: bool = True,
 ) -> PartitionPlan:
     """Profile every candidate cut of ``model`` and choose one for ``device_class`` and ``policy``.
 
     Each candidate's head is timed on the node CPU, then its tail on the accelerator's provider
     (the CPU when that is not available here) with the head's real outputs as input. With
-    ``manual_cut`` only that cut (and no split) is priced, and it is chosen. With ``measure`` each
-    candidate is also run end to end (:func:`measure_candidates`).
+    ``fission``, the heaviest operators (Conv, Gemm, MatMul taking at least :data:`FISSION_SHARE`
+    of the model) are also tried split in two at the channel count that balances head and tail;
+    such a candidate is offered only after its head and tail reproduce the whole model bit for bit.
+    With ``manual_cut`` only that cut (and no split) is priced, and it is chosen. With ``measure``
+    each candidate is also run end to end (:func:`measure_candidates`).
     """
     accelerator_link(device_class)  # refuse a class without a link before any work
     feed = dict(inputs) if inputs is not None else example_inputs(model)
@@ -291,35 +430,29 @@ def plan_partition(
         splits = [split_model(model, list(manual_cut))]
     else:
         splits = [split_model(model, cut) for cut in enumerate_cuts(model, max_tensors=max_tensors)]
-    for split in splits:
-        head, head_outputs = profile_model(
-            split.head, feed, runs=runs, warmup=warmup, intra_op_threads=intra_op_threads
-        )
-        tail, tail_outputs = profile_model(
-            split.tail,
-            _tail_feed(split, feed, head_outputs),
-            execution_provider=tail_ep,
+
+    def timed(split: SplitModel, spec: Fission | None = None) -> SegmentCosts:
+        return _split_costs(
+            split,
+            feed,
+            graph_outputs,
+            tail_ep,
             runs=runs,
             warmup=warmup,
             intra_op_threads=intra_op_threads,
+            fission=spec,
         )
-        # The cut tensors, and the graph inputs the tail reads directly, all cross the link.
-        crossing = split.cut.nbytes()
-        if crossing is None:  # a dimension the model leaves open: count what actually crossed
-            crossing = sum(int(head_outputs[t.name].nbytes) for t in split.cut.tensors)
-        forwarded = split.cut.forwarded_nbytes()
-        if forwarded is None:
-            forwarded = sum(int(feed[t.name].nbytes) for t in split.cut.forwarded)
-        costs.append(
-            SegmentCosts(
-                split.cut.index,
-                tuple(t.name for t in split.cut.tensors),
-                crossing + forwarded,
-                _tail_output_nbytes(split, tail_outputs, graph_outputs),
-                head.median_ms,
-                tail.median_ms,
-            )
-        )
+
+    costs += [timed(split) for split in splits]
+    if fission and manual_cut is None:
+        for spec, _ in _fission_candidates(model, whole.median_ms, costs):
+            fissioned = apply_fission(model, spec.output, spec.parts)
+            split = split_model(fissioned, cut_after(fissioned, _head_part(fissioned, spec)))
+            try:
+                verify_split(model, split, feed)
+            except PartitionError:
+                continue  # not exact on this runtime: never offered
+            costs.append(timed(split, spec))
     plan = plan_from_costs(
         costs,
         model_digest=model_digest(model),
@@ -338,11 +471,21 @@ def plan_partition(
     return plan
 
 
+def _head_part(fissioned: onnx.ModelProto, spec: Fission) -> str:
+    """The output of the head's part of ``spec``'s operator in ``fissioned`` (the Concat's first input)."""
+    for node in fissioned.graph.node:
+        if node.op_type == "Concat" and list(node.output) == [spec.output]:
+            return node.input[0]
+    raise PartitionError(f"the model has no fission of {spec.output!r}", [spec.output])
+
+
 def split_for(model: onnx.ModelProto, plan: PartitionPlan, candidate: Candidate | None = None) -> SplitModel:
     """The head and tail of ``candidate`` (default: the chosen one); :class:`PartitionError` for no split."""
     target = candidate if candidate is not None else plan.chosen
     if target.cut_index is None:
         raise PartitionError("the candidate does not split the model")
+    if target.fission is not None:
+        model = apply_fission(model, target.fission.output, target.fission.parts)
     split = split_model(model, target.tensors)
     if split.cut.index != target.cut_index:
         raise PartitionError(
