@@ -169,39 +169,46 @@ def _timed(stage: Stage, name: str, inputs: Mapping[str, np.ndarray]) -> tuple[T
 
 
 class _ClosableQueue(Generic[_Item]):
-    """A bounded FIFO that can be closed: puts then fail, gets drain what is left and then return None."""
+    """A bounded FIFO that can be closed: puts then fail, gets drain what is left and then return None.
+
+    Putters and getters wait on separate conditions and each change wakes one waiter of the other
+    kind: on a two-core node every needless wake-up takes a core from a running stage.
+    """
 
     def __init__(self, depth: int) -> None:
         self._depth = depth
         self._items: deque[_Item] = deque()
         self._closed = False
-        self._changed = threading.Condition()
+        lock = threading.Lock()
+        self._not_full = threading.Condition(lock)
+        self._not_empty = threading.Condition(lock)
 
     def put(self, item: _Item, *, block: bool = True) -> None:
-        with self._changed:
+        with self._not_full:
             while not self._closed and len(self._items) >= self._depth:
                 if not block:
                     raise PipelineFull(f"{self._depth} requests are already waiting")
-                self._changed.wait()
+                self._not_full.wait()
             if self._closed:
                 raise PipelineClosed("the pipeline is closed")
             self._items.append(item)
-            self._changed.notify_all()
+            self._not_empty.notify()
 
     def get(self) -> _Item | None:
-        with self._changed:
+        with self._not_empty:
             while not self._items and not self._closed:
-                self._changed.wait()
+                self._not_empty.wait()
             if not self._items:
                 return None
             item = self._items.popleft()
-            self._changed.notify_all()
+            self._not_full.notify()
             return item
 
     def close(self) -> None:
-        with self._changed:
+        with self._not_full:
             self._closed = True
-            self._changed.notify_all()
+            self._not_full.notify_all()
+            self._not_empty.notify_all()
 
 
 @dataclass
