@@ -45,6 +45,22 @@ def publish(store: Path, keys: Path, version: str, *args: str) -> tuple[int, str
                "--version", version, "--device-class", DEVICE_CLASS, "--namespace", "demo")  # fmt: skip
 
 
+def install(store: Path, keys: Path, state: Path) -> Updater:
+    """A device's Updater, on a fresh state folder, installs mlp 1.0.0 from ``store``; it then serves it."""
+    client = TufClient(StoreFetcher(LocalStore(store)), (keys / "root.json").read_bytes(), state / "tuf" / "metadata")
+    path = f"{DEVICE_CLASS}/demo/mlp/1.0.0/manifest.json"
+    info = client.target_info(path)
+    assert info is not None
+    assignment = AssignmentSpec(revision=1, model_namespace="demo", model_name="mlp", version="1.0.0",
+                                action="install", target_paths=(path,), bundle_sha256=info.hashes["sha256"],
+                                bundle_length=info.length)  # fmt: skip
+    updater = Updater(state, DEVICE_CLASS, ModelRuntime(), lambda: client)
+    assert updater.recover() == []
+    result = updater.apply(assignment)
+    assert (result.outcome, result.reason) == ("succeeded", "Installed"), result.message
+    return updater
+
+
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEFLEET_CACHE", str(tmp_path / "cache"))
@@ -86,18 +102,7 @@ def test_plan_publish_fetch_install_serves_the_whole_models_outputs(planned: Pat
     assert manifest.self_test is not None
 
     # A device installs the bundle through its Updater and serves it.
-    state = tmp_path / "device"
-    client = TufClient(StoreFetcher(LocalStore(store)), (keys / "root.json").read_bytes(), state / "tuf" / "metadata")
-    path = f"{DEVICE_CLASS}/demo/mlp/1.0.0/manifest.json"
-    info = client.target_info(path)
-    assert info is not None
-    assignment = AssignmentSpec(revision=1, model_namespace="demo", model_name="mlp", version="1.0.0",
-                                action="install", target_paths=(path,), bundle_sha256=info.hashes["sha256"],
-                                bundle_length=info.length)  # fmt: skip
-    updater = Updater(state, DEVICE_CLASS, ModelRuntime(), lambda: client)
-    assert updater.recover() == []
-    result = updater.apply(assignment)
-    assert (result.outcome, result.reason) == ("succeeded", "Installed"), result.message
+    updater = install(store, keys, tmp_path / "device")
     [status] = updater.runtime.status("demo", "mlp")
     assert status.partition_plan_id == plan_id
     assert [o.name for o in status.outputs] == ["y"]
@@ -175,17 +180,7 @@ def test_a_plan_that_splits_an_operator_installs_and_serves_the_whole_models_out
                            "--partition-plan", str(parts / "plan.json"))  # fmt: skip
     assert code == 0, output
 
-    state = tmp_path / "device"
-    client = TufClient(StoreFetcher(LocalStore(store)), (keys / "root.json").read_bytes(), state / "tuf" / "metadata")
-    path = f"{DEVICE_CLASS}/demo/mlp/1.0.0/manifest.json"
-    info = client.target_info(path)
-    assert info is not None
-    assignment = AssignmentSpec(revision=1, model_namespace="demo", model_name="mlp", version="1.0.0",
-                                action="install", target_paths=(path,), bundle_sha256=info.hashes["sha256"],
-                                bundle_length=info.length)  # fmt: skip
-    updater = Updater(state, DEVICE_CLASS, ModelRuntime(), lambda: client)
-    result = updater.apply(assignment)
-    assert (result.outcome, result.reason) == ("succeeded", "Installed"), result.message
+    updater = install(store, keys, tmp_path / "device")
     [status] = updater.runtime.status("demo", "mlp")
     assert status.partition_plan_id == plan.plan_id
     rng = np.random.default_rng(3)
