@@ -383,9 +383,9 @@ def _fission_candidates(
             after = cut_after(model, site.output).index
         except PartitionError:
             continue  # the last operator: nothing would follow it in the tail
-        before_ms = 0.0 if after == 1 else measured[after - 1].head_ms if (after - 1) in measured else None
-        if before_ms is None or after not in measured:
+        if after not in measured or (after > 1 and after - 1 not in measured):
             continue
+        before_ms = measured[after - 1].head_ms if after > 1 else 0.0  # the first operator: an empty head
         operator_ms = measured[after].head_ms - before_ms
         if operator_ms < FISSION_SHARE * whole_ms:
             continue
