@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgefleet_core.optimize.runtime import run, session
 from edgefleet_core.partition import plan as plan_module
 from edgefleet_core.partition.cuts import VERIFY_OPTIMIZATION, PartitionError, cut_after, split_model, verify_split
-from edgefleet_core.partition.fission import MIN_PART, apply_fission, balanced_split, fission_sites
+from edgefleet_core.partition.fission import MIN_PART, apply_fission, balanced_split, fission, fission_sites
 from edgefleet_core.partition.plan import PartitionPlan, plan_partition, split_for
 from edgefleet_core.partition.profile import example_inputs
 from tests.support.tiny_models import tiny_cnn, wide_mlp
@@ -181,7 +182,7 @@ def test_the_planner_tries_the_dominant_operator_split_and_offers_it_only_exact(
     for output, candidate in fissions.items():
         assert candidate.fission is not None
         assert sum(candidate.fission.parts) == 512  # h0 and h1 both have 512 features
-        assert f"{output}/fission/0" in candidate.tensors
+        assert fission(model, output, candidate.fission.parts).parts[0] in candidate.tensors
         assert candidate.head_ms > 0
         assert candidate.tail_ms > 0
         verify_split(model, split_for(model, result, candidate), inputs)
@@ -219,3 +220,124 @@ def test_optimized_sessions_agree_on_the_fissioned_gemm() -> None:
     want = run(session(model, optimization=level), None, feed)
     got = run(session(fissioned, optimization=level), None, feed)
     assert all(a.tobytes() == b.tobytes() for a, b in zip(want, got, strict=True))
+
+
+def conv_chain(tail: list[onnx.NodeProto], extra: dict[str, np.ndarray]) -> Any:
+    """x → Conv (32 channels) → ``tail`` (reading "c", ending in "z") → 1x1 Conv to 4 channels → y."""
+    inits = {"w": _f32(32, 8, 3, 3), "b": _f32(32), "w2": _f32(4, 32, 1, 1), **extra}
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        *tail,
+        helper.make_node("Conv", ["z", "w2"], ["y"]),
+    ]
+    return _model(nodes, inits, ["N", 8, 6, 6], ["N", 4, 6, 6])
+
+
+def _bn(channels: int = 32) -> dict[str, np.ndarray]:
+    return {
+        "scale": _f32(channels),
+        "shift": _f32(channels),
+        "mean": _f32(channels),
+        "var": np.abs(_f32(channels)) + 0.5,
+    }
+
+
+CHAINS: dict[str, tuple[Callable[[], onnx.ModelProto], tuple[str, ...]]] = {
+    "batchnorm-relu": (
+        lambda: conv_chain(
+            [
+                helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["n"]),
+                helper.make_node("Relu", ["n"], ["z"]),
+            ],
+            _bn(),
+        ),
+        ("BatchNormalization", "Relu"),
+    ),
+    "per-channel-add-then-scalar-mul-then-clip": (
+        lambda: conv_chain(
+            [
+                helper.make_node("Add", ["k", "c"], ["a"]),  # the constant first: Add commutes, its order is kept
+                helper.make_node("Mul", ["a", "half"], ["m"]),
+                helper.make_node("Clip", ["m", "lo", "hi"], ["z"]),
+            ],
+            {
+                "k": _f32(32, 1, 1),
+                "half": np.array(0.5, np.float32),
+                "lo": np.array(0.0, np.float32),
+                "hi": np.array(6.0, np.float32),
+            },
+        ),
+        ("Add", "Mul", "Clip"),
+    ),
+    "prelu-per-channel-slope": (
+        lambda: conv_chain([helper.make_node("PRelu", ["c", "slope"], ["z"])], {"slope": _f32(32, 1, 1)}),
+        ("PRelu",),
+    ),
+    "a-spatial-constant-stops-the-chain": (
+        lambda: conv_chain(
+            [helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Add", ["r", "row"], ["z"])],
+            {"row": _f32(6)},  # broadcasts along the width: it would mix into every channel's part the same
+        ),
+        ("Relu",),
+    ),
+    "a-second-reader-stops-the-chain": (
+        lambda: conv_chain(
+            [helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Add", ["r", "c"], ["z"])],  # a residual
+            {},
+        ),
+        (),
+    ),
+    "a-run-time-operand-stops-the-chain": (
+        lambda: conv_chain(
+            [
+                helper.make_node("Relu", ["c"], ["r"]),
+                helper.make_node("ReduceMean", ["x"], ["g"], axes=[1], keepdims=1),
+                helper.make_node("Mul", ["r", "g"], ["z"]),
+            ],
+            {},
+        ),
+        ("Relu",),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAINS), ids=list(CHAINS))
+def test_per_channel_successors_are_split_with_the_operator_and_stay_exact(case: str) -> None:
+    build, absorbed = CHAINS[case]
+    model = build()
+    result = fission(model, "c", [16, 16])
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.absorbed == absorbed
+    ops = [n.op_type for n in result.model.graph.node]
+    for op in absorbed:
+        assert ops.count(op) == 2, f"{op} is in both parts and nowhere else"
+    (concat,) = [n for n in result.model.graph.node if n.op_type == "Concat"]
+    assert list(concat.input) == list(result.parts)
+    assert list(concat.output) == [result.joined]
+    # Whatever read the chain's end still reads it under its name; no whole per-channel constant stays.
+    feed = example_inputs(model, batch=3)
+    assert _exact(model, result.model, feed)
+    verify_split(model, split_model(result.model, cut_after(result.model, result.parts[0])), feed)
+    names = {t.name for t in result.model.graph.initializer}
+    assert not names & {"w", "b", "scale", "shift", "mean", "var", "k", "slope"}
+
+
+def test_a_graph_output_ends_the_chain_under_its_own_name() -> None:
+    result = fission(conv_model(), "c", [16, 16])  # Conv → Relu → graph output y
+    assert result.absorbed == ("Relu",)
+    assert result.joined == "y"
+    assert [o.name for o in result.model.graph.output] == ["y"]
+
+
+def test_the_optimized_head_part_is_one_fused_kernel(tmp_path: Path) -> None:
+    # What the absorption is for: ONNX Runtime fuses Conv + BatchNormalization + Relu in each part,
+    # where a Concat between them (the old fission) left BatchNormalization and Relu on their own.
+    model = CHAINS["batchnorm-relu"][0]()
+    result = fission(model, "c", [16, 16])
+    split = split_model(result.model, cut_after(result.model, result.parts[0]))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "head.onnx")
+    ort.InferenceSession(split.head.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
+    assert [n.op_type for n in optimized.graph.node] == ["FusedConv"]

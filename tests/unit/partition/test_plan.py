@@ -189,3 +189,34 @@ def test_example_inputs_follow_the_declared_types() -> None:
     assert list(feed) == ["input"]
     assert feed["input"].shape == (1, 1, 8, 8)
     assert str(feed["input"].dtype) == "float32"
+
+
+def test_the_closest_contenders_are_timed_again_in_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgefleet_core.partition import plan as plan_module
+
+    timed: list[int | None] = []
+    real = plan_module._split_costs
+
+    def counting(split: Any, *args: Any, **kwargs: Any) -> SegmentCosts:
+        timed.append(split.cut.index)
+        return real(split, *args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "_split_costs", counting)
+    result = plan_partition(tiny_cnn(), device_class(FAST), policy="throughput", runs=1, warmup=0, fission=False)
+    splits = len(result.candidates) - 1  # every candidate but the whole model is a split, timed once first
+    first, again = timed[:splits], timed[splits:]
+    assert sorted(first, key=str) == sorted({c.cut_index for c in result.candidates} - {None}, key=str)
+    # Up to three contenders (the whole model among them, possibly) are timed twice more, one after another.
+    contenders = list(dict.fromkeys(again))
+    assert 1 <= len(contenders) <= plan_module.CONFIRM_CONTENDERS
+    rounds = plan_module.CONFIRM_ROUNDS - 1
+    assert again == contenders * rounds
+
+
+def test_a_contender_costs_the_median_of_its_timings() -> None:
+    from edgefleet_core.partition.plan import _median_costs
+
+    rounds = [SegmentCosts(3, ("a",), 10, 0, head, tail) for head, tail in ((1.0, 9.0), (5.0, 2.0), (2.0, 3.0))]
+    merged = _median_costs(rounds)
+    assert (merged.head_ms, merged.tail_ms) == (2.0, 3.0)
+    assert (merged.cut_index, merged.tensors, merged.nbytes) == (3, ("a",), 10)
