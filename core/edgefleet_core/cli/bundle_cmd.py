@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -193,19 +192,10 @@ def publish(
     that devices run before a new version takes traffic; for a head and a tail, also the partition
     plan (signed with the bundle), which tells devices where each runs.
     """
-    from edgefleet_core.bundle.distribution import (
-        BundleRef,
-        build_bundles,
-        fetch_bundle,
-        publish_bundles,
-        published_versions,
-        version_key,
-    )
+    from edgefleet_core.bundle.distribution import BundleRef
+    from edgefleet_core.bundle.publisher import Publisher
     from edgefleet_core.optimize.model_io import parse_model, write_file_atomic
-    from edgefleet_core.signing.client import TufClient
-    from edgefleet_core.signing.fetcher import StoreFetcher
     from edgefleet_core.signing.keys import KeySet
-    from edgefleet_core.signing.repository import TufRepository
     from edgefleet_core.store.url import open_store
 
     _check_files([path.name for path in files], partition_plan)
@@ -218,33 +208,22 @@ def publish(
         facts = _report_facts(report, contents)
         self_test = None if no_self_test else _self_test(contents, golden_data, latency_slo_ms)
         artifacts = open_store(store, endpoint=endpoint, access_key=access_key, secret_key=secret_key)
-        repository = TufRepository(artifacts, KeySet.load(keys))
+        publisher = Publisher(artifacts, KeySet.load(keys))
         root_file = keys / "root.json"
-        if not artifacts.list("tuf/metadata/"):
-            repository.initialize()
-            write_file_atomic(root_file, repository.trusted_root())
+        if not publisher.is_initialized():
+            write_file_atomic(root_file, publisher.ensure_initialized())
             typer.echo(f"initialized the repository; clients trust {root_file}")
-        ref = BundleRef(namespace, model, device_class)
-        with tempfile.TemporaryDirectory() as metadata:
-            # The publisher reads its own repository back through TUF, like any device would.
-            client = TufClient(StoreFetcher(artifacts), repository.trusted_root(), Path(metadata))
-            client.refresh()
-            existing = published_versions(client, ref)
-            if version in existing:
-                raise EdgeFleetError(f"{namespace}/{model} {version} for {device_class} is already published")
-            earlier = [v for v in existing if version_key(v) < version_key(version)]
-            base = None
-            if earlier:
-                previous = fetch_bundle(client, BundleRef(namespace, model, device_class, earlier[-1]))
-                base = (earlier[-1], previous.files)
-        bundles = build_bundles(contents, ref, version, partition_plan=plan, base=base, self_test=self_test, **facts)
-        versions = publish_bundles(repository, bundles)
+        ref = BundleRef(namespace, model, device_class, version)
+        # No build key: a version given by hand is published as given, or refused if it exists.
+        published = publisher.publish(ref, contents, build_key=None, partition_plan=plan, self_test=self_test, **facts)
     except EdgeFleetError as exc:
         raise _fail(str(exc)) from None
     except OSError as exc:
         raise _fail(f"{exc.filename or ''} {exc.strerror or exc}".strip()) from None
-    _echo_published(bundles, sum(len(data) for data in contents.values()), self_test)
-    typer.echo(f"published; targets version {versions.targets}, timestamp version {versions.timestamp}")
+    _echo_published(list(published.bundles), sum(len(data) for data in contents.values()), self_test)
+    if published.repository is not None:  # always set when a write happened, i.e. without a build key
+        versions = published.repository
+        typer.echo(f"published; targets version {versions.targets}, timestamp version {versions.timestamp}")
 
 
 def fetch(

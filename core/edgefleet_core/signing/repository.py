@@ -42,13 +42,15 @@ from tuf.ngclient.config import UpdaterConfig
 
 from edgefleet_core.errors import SigningError, VerificationError
 from edgefleet_core.signing.keys import ONLINE_ROLES, ROLES, KeySet
-from edgefleet_core.signing.layout import METADATA_DIR, is_safe_path, metadata_path, target_path
+from edgefleet_core.signing.layout import METADATA_DIR, TARGETS_DIR, is_safe_path, metadata_path, target_path
 from edgefleet_core.store.base import ArtifactStore, validate_key
 
 logger = logging.getLogger(__name__)
 
 _S = TypeVar("_S", Root, Timestamp, Snapshot, Targets)
 _ROOT_FILE = re.compile(r"^([1-9][0-9]*)\.root\.json$")
+# A stored target file, relative to the targets folder: layout.target_path's "<folder>/<sha256>.<name>".
+_TARGET_FILE = re.compile(r"^(?P<folder>(?:[^/]+/)*)[a-f0-9]{64}\.(?P<name>[^/]+)$")
 # The writer reads its own metadata back with the same caps the client downloads it with.
 _LIMITS = UpdaterConfig()
 _HASH = "sha256"
@@ -166,24 +168,68 @@ class TufRepository:
                 raise SigningError(f"custom fields of {path} are not JSON: {e}") from e
 
         state = self._load()
-        now = self._now()
         new_targets = state.targets.signed
         for path, data in targets.items():
             digest = hashlib.sha256(data).hexdigest()
             self._store.put(self._key(target_path(path, digest)), data)
             fields = {"custom": dict(custom[path])} if path in custom else {}
             new_targets.targets[path] = TargetFile(len(data), {_HASH: digest}, path, unrecognized_fields=fields)
-        new_targets.version += 1
-        new_targets.expires = now + self._expiry.targets
-        new_state = self._sign_online(
-            state.root,
-            Metadata(new_targets),
-            snapshot_version=state.snapshot.signed.version + 1,
-            timestamp_version=state.timestamp.signed.version + 1,
-        )
-        self._write_online(new_state)
-        logger.info("published %d target(s) as targets version %d", len(targets), new_targets.version)
-        return new_state.versions()
+        versions = self._write_targets(state)
+        logger.info("published %d target(s) as targets version %d", len(targets), versions.targets)
+        return versions
+
+    def target_paths(self) -> list[str]:
+        """Every target path the current signed targets metadata lists, sorted."""
+        return sorted(self._load().targets.signed.targets)
+
+    def remove(self, paths: Iterable[str]) -> RepositoryVersions:
+        """Drop listed targets from the signed targets metadata in one new version.
+
+        Clients stop seeing them at their next refresh. Their stored bytes stay (an older snapshot a
+        client is still working from may name them) until :meth:`delete_unreferenced` removes them.
+        Refused, before anything is written, if a path is not listed.
+        """
+        wanted = sorted(set(paths))
+        if not wanted:
+            raise SigningError("nothing to remove")
+        state = self._load()
+        listed = state.targets.signed.targets
+        missing = [path for path in wanted if path not in listed]
+        if missing:
+            raise SigningError(f"cannot remove targets that are not listed: {', '.join(missing)}")
+        for path in wanted:
+            del listed[path]
+        versions = self._write_targets(state)
+        logger.info("removed %d target(s) as targets version %d", len(wanted), versions.targets)
+        return versions
+
+    def delete_unreferenced(self, select: Callable[[str], bool]) -> list[str]:
+        """Delete stored target bytes that no listed target references, for target paths ``select`` accepts.
+
+        Returns the target paths whose bytes were deleted (one per stored file, so a path replaced by
+        a later publish may appear more than once). Only files named the way :meth:`publish` stores
+        them are considered; anything else under the targets folder is left alone. Safe to repeat:
+        it finishes what an interrupted run left behind.
+        """
+        state = self._load()
+        referenced = {
+            target_path(path, info.hashes[_HASH])
+            for path, info in state.targets.signed.targets.items()
+            if _HASH in info.hashes
+        }
+        folder = f"{self._prefix}{TARGETS_DIR}"
+        deleted = []
+        for key in self._store.list(folder):
+            match = _TARGET_FILE.fullmatch(key[len(folder) :])
+            if match is None or key[len(self._prefix) :] in referenced:
+                continue
+            path = f"{match['folder']}{match['name']}"
+            if select(path):
+                self._store.delete(key)
+                deleted.append(path)
+        if deleted:
+            logger.info("deleted the stored bytes of %d unreferenced target file(s)", len(deleted))
+        return deleted
 
     def refresh_timestamp(self) -> RepositoryVersions:
         """A new timestamp (and a new snapshot too, if it would lapse before that timestamp does)."""
@@ -386,6 +432,20 @@ class TufRepository:
         return MetaFile(
             version=metadata.signed.version, length=len(data), hashes={_HASH: hashlib.sha256(data).hexdigest()}
         )
+
+    def _write_targets(self, state: _State) -> RepositoryVersions:
+        """Sign and write ``state.targets.signed`` (changed in place) as the next targets version."""
+        new_targets = state.targets.signed
+        new_targets.version += 1
+        new_targets.expires = self._now() + self._expiry.targets
+        new_state = self._sign_online(
+            state.root,
+            Metadata(new_targets),
+            snapshot_version=state.snapshot.signed.version + 1,
+            timestamp_version=state.timestamp.signed.version + 1,
+        )
+        self._write_online(new_state)
+        return new_state.versions()
 
     def _write_online(self, state: _State) -> None:
         self._write_metadata(f"{state.targets.signed.version}.targets.json", state.targets)
