@@ -10,7 +10,7 @@ import typer
 from edgefleet_core import __version__
 from edgefleet_core.cli import bench_cmd, bundle_cmd, keys_cmd, optimize_cmd, partition_cmd, plugins, resources_cmd
 
-PLANNED_GROUPS = "operator, up and demo"
+PLANNED_GROUPS = "demo"
 
 
 def build_app() -> typer.Typer:

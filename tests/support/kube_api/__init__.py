@@ -1,30 +1,25 @@
-"""A strict Kubernetes API server for tests: real HTTP on loopback, in memory, no cluster needed.
+"""The Kubernetes API test server, for tests: ``edgefleet_operator.devtools.kube_api`` plus the pytest fixture.
 
-No kube-apiserver, kind, k3s or Docker can run on our machines, and the ``kmock`` package answers
-kopf wrongly (see DESIGN.md), so this one is ours on purpose. It models what an operator depends
-on and what the real server refuses:
-
-* discovery (``/api``, ``/apis``, group and version documents) including installed CRDs;
-* built-ins (namespaces, events, configmaps, secrets, leases, jobs, CRDs) and custom resources;
-* list and watch with label and field selectors, one global resourceVersion, watch resumption
-  with 410 Expired for forgotten versions, ``sendInitialEvents`` and ``timeoutSeconds``;
-* create (``generateName``, 409 AlreadyExists, 404 for a missing namespace), replace (409 on a
-  stale resourceVersion), merge and JSON patches, delete with finalizers and ``deletionTimestamp``;
-* ``metadata.generation``, the status subresource, structural schemas (pruning, defaults,
-  validation, CEL rules) with 422 ``Invalid`` naming the field, ``fieldValidation``;
-* namespace and CRD deletion that removes their contents, and owner-reference garbage collection;
-* an audit log of every request, injected faults, and dropping every open watch on demand.
-
-It does not model authentication, admission webhooks, server-side apply, dry runs, conversion
-between CRD versions, or consistent snapshots for paged lists.
+The server itself ships with the operator (``edgefleet bench operator`` runs it too); see that package's
+docstring for what it models. This package keeps the tests' imports and ``python -m tests.support.kube_api``.
 """
 
-from tests.support.kube_api.audit import AuditRecord, Fault, RequestInfo, matching
-from tests.support.kube_api.catalog import ResourceType, kopf_peering_crds
-from tests.support.kube_api.client import HttpReply, KubeClient
-from tests.support.kube_api.errors import ApiError
+from edgefleet_operator.devtools.kube_api import (
+    CRDS_DIR,
+    ApiError,
+    AuditRecord,
+    Fault,
+    HttpReply,
+    KubeApiServer,
+    KubeClient,
+    RequestInfo,
+    ResourceType,
+    kopf_peering_crds,
+    matching,
+    read_crds,
+    running_kube_api,
+)
 from tests.support.kube_api.fixtures import SpawnedKubeApi, kube_api_server, spawned_kube_api
-from tests.support.kube_api.server import CRDS_DIR, KubeApiServer, read_crds, running_kube_api
 
 __all__ = [
     "CRDS_DIR",

@@ -16,14 +16,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from aiohttp import web
 
-from tests.support.kube_api.audit import AuditRecord, Fault, Ledger, Predicate
-from tests.support.kube_api.catalog import (
+from edgefleet_operator.devtools.kube_api.audit import AuditRecord, Fault, Ledger, Predicate
+from edgefleet_operator.devtools.kube_api.catalog import (
     CRD_TYPE,
     NAMESPACE_TYPE,
     Catalog,
@@ -31,17 +32,16 @@ from tests.support.kube_api.catalog import (
     kopf_peering_crds,
     load_crd_documents,
 )
-from tests.support.kube_api.routes import Api
-from tests.support.kube_api.selectors import parse_field_selector, parse_label_selector
-from tests.support.kube_api.store import Store, WatchEvent
-from tests.support.kube_api.watches import Close, WatchHub
+from edgefleet_operator.devtools.kube_api.routes import Api
+from edgefleet_operator.devtools.kube_api.selectors import parse_field_selector, parse_label_selector
+from edgefleet_operator.devtools.kube_api.store import Store, WatchEvent
+from edgefleet_operator.devtools.kube_api.watches import Close, WatchHub
 
 JsonObject = dict[str, Any]
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-CRDS_DIR = REPO_ROOT / "crds"
-"""The repository's CRDs, the only source of them."""
+CRDS_DIR = Path(str(resources.files("edgefleet_core").joinpath("crds")))
+"""EdgeFleet's CRDs as installed with ``edgefleet_core`` (in a checkout, a link to the repository's ``crds/``)."""
 DEFAULT_NAMESPACES = ("default", "kube-system")
 START_DEADLINE_S = 10.0
 CALL_DEADLINE_S = 10.0

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.support.cel import CelRuleError, compile_all_rules
-from tests.support.kube_api.errors import Cause, Subject
-from tests.support.kube_api.meta import now
+from edgefleet_operator.devtools.kube_api.cel import CelRuleError, compile_all_rules
+from edgefleet_operator.devtools.kube_api.errors import Cause, Subject
+from edgefleet_operator.devtools.kube_api.meta import now
 
 JsonObject = dict[str, Any]
 

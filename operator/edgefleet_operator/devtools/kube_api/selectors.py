@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tests.support.kube_api.errors import ApiError, bad_request
+from edgefleet_operator.devtools.kube_api.errors import ApiError, bad_request
 
 JsonObject = dict[str, Any]
 

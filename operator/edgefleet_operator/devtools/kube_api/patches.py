@@ -12,7 +12,7 @@ from typing import Any
 
 import jsonpatch
 
-from tests.support.kube_api.errors import bad_request, unprocessable, unsupported_media_type
+from edgefleet_operator.devtools.kube_api.errors import bad_request, unprocessable, unsupported_media_type
 
 JsonObject = dict[str, Any]
 

@@ -14,13 +14,13 @@ from typing import Any, TypeVar
 import yaml
 from aiohttp import web
 
-from tests.support.kube_api import errors
-from tests.support.kube_api.audit import Ledger, RequestInfo, classify
-from tests.support.kube_api.catalog import ResourceType
-from tests.support.kube_api.errors import ApiError
-from tests.support.kube_api.selectors import parse_field_selector, parse_label_selector
-from tests.support.kube_api.store import Store, Written
-from tests.support.kube_api.watches import Close, Matcher, WatchHub, WatchPlan, as_seen, bookmark, stream
+from edgefleet_operator.devtools.kube_api import errors
+from edgefleet_operator.devtools.kube_api.audit import Ledger, RequestInfo, classify
+from edgefleet_operator.devtools.kube_api.catalog import ResourceType
+from edgefleet_operator.devtools.kube_api.errors import ApiError
+from edgefleet_operator.devtools.kube_api.selectors import parse_field_selector, parse_label_selector
+from edgefleet_operator.devtools.kube_api.store import Store, Written
+from edgefleet_operator.devtools.kube_api.watches import Close, Matcher, WatchHub, WatchPlan, as_seen, bookmark, stream
 
 JsonObject = dict[str, Any]
 N = TypeVar("N", int, float)

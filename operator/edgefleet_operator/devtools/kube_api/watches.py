@@ -16,9 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.support.kube_api.catalog import ResourceType
-from tests.support.kube_api.errors import ApiError
-from tests.support.kube_api.store import Key, WatchEvent
+from edgefleet_operator.devtools.kube_api.catalog import ResourceType
+from edgefleet_operator.devtools.kube_api.errors import ApiError
+from edgefleet_operator.devtools.kube_api.store import Key, WatchEvent
 
 JsonObject = dict[str, Any]
 Matcher = Callable[[Mapping[str, Any]], bool]

@@ -3,7 +3,7 @@
 Order as in the apiextensions server: nulls of non-nullable fields are dropped, unknown fields are
 pruned (reported for ``fieldValidation``), defaults filled in, then the object is validated against
 the OpenAPI schema (jsonschema, with the Kubernetes extensions translated) and, when that passes,
-against the CEL rules (``tests/support/cel.py`` evaluates them; only create-style rules, no
+against the CEL rules (``cel.py`` evaluates them; only create-style rules, no
 ``oldSelf``). Failures become ``Invalid`` causes worded like the real server's.
 """
 
@@ -26,8 +26,8 @@ from jsonschema.exceptions import ValidationError
 
 from edgefleet_core.errors import FieldProblem
 from edgefleet_core.resources.crds import field_path
-from tests.support.cel import cel_problems
-from tests.support.kube_api.errors import Cause
+from edgefleet_operator.devtools.kube_api.cel import cel_problems
+from edgefleet_operator.devtools.kube_api.errors import Cause
 
 JsonObject = dict[str, Any]
 Schema = Mapping[str, Any]

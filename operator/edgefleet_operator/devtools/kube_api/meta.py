@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from tests.support.kube_api.errors import Cause
+from edgefleet_operator.devtools.kube_api.errors import Cause
 
 JsonObject = dict[str, Any]
 

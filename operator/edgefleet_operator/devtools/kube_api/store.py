@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tests.support.kube_api import errors, meta, schema
-from tests.support.kube_api.catalog import (
+from edgefleet_operator.devtools.kube_api import errors, meta, schema
+from edgefleet_operator.devtools.kube_api.catalog import (
     CRD_CLEANUP_FINALIZER,
     CRD_TYPE,
     NAMESPACE_TYPE,
@@ -27,8 +27,8 @@ from tests.support.kube_api.catalog import (
     crd_problems,
     crd_status,
 )
-from tests.support.kube_api.errors import ApiError, Cause
-from tests.support.kube_api.patches import apply_patch
+from edgefleet_operator.devtools.kube_api.errors import ApiError, Cause
+from edgefleet_operator.devtools.kube_api.patches import apply_patch
 
 JsonObject = dict[str, Any]
 T = TypeVar("T")
