@@ -585,8 +585,9 @@ def markdown(document: Mapping[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Slow link ({document['slow_link']['bandwidthMBps']} MB/s): the latency planner's cut, fast link vs slow "
-        "link, and measured latency (head then tail here, plus the modelled transfer) on the slow link.",
+        f"Slow link ({document['slow_link']['bandwidthMBps']} MB/s): the cut deployed on the fast link (the "
+        "throughput plan's) against where the latency planner cuts on the slow link, and their measured latency "
+        "on the slow link (head then tail here, plus the modelled transfer).",
         "",
         "| model | fast-link cut (bytes) | slow-link cut (bytes) | slow link: fast cut ms | slow link: slow cut ms "
         "| planner vs best (latency) |",

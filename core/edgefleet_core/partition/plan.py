@@ -240,13 +240,19 @@ def price(costs: SegmentCosts, link: AcceleratorLink) -> Candidate:
 
 
 def choose(candidates: Sequence[Candidate], policy: Policy) -> Candidate:
-    """The best candidate for ``policy``; ties go to no split, then to the earlier cut, then to a plain cut."""
+    """The best candidate for ``policy``; ties go to no split, then to the earlier cut, then to a plain cut.
+
+    The latency policy chooses among plain cuts only (fission serves throughput).
+    """
 
     def tie(candidate: Candidate) -> tuple[int, str]:
         return _order(candidate)
 
     if policy == "latency":
-        return min(candidates, key=lambda c: (c.latency_ms, tie(c)))
+        # A split operator's two parts run one after the other within a request: fission only adds
+        # work to a request (two smaller kernels, the Concat); what it buys is a pipeline's throughput.
+        plain = [c for c in candidates if c.fission is None]
+        return min(plain, key=lambda c: (c.latency_ms, tie(c)))
     return min(candidates, key=lambda c: (-c.throughput_per_s, tie(c)))
 
 
@@ -407,10 +413,11 @@ CONFIRM_ROUNDS: Final = 3
 def _contenders(priced: Sequence[Candidate], policy: Policy) -> list[int]:
     """Indices of the best :data:`CONFIRM_CONTENDERS` candidates for ``policy``, best first."""
 
-    def rank(index: int) -> tuple[float, tuple[int, str]]:
+    def rank(index: int) -> tuple[bool, float, tuple[int, str]]:
         candidate = priced[index]
+        excluded = policy == "latency" and candidate.fission is not None  # see choose()
         value = candidate.latency_ms if policy == "latency" else -candidate.throughput_per_s
-        return value, _order(candidate)
+        return excluded, value, _order(candidate)
 
     return sorted(range(len(priced)), key=rank)[:CONFIRM_CONTENDERS]
 
