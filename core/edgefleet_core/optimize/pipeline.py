@@ -36,8 +36,12 @@ logger = logging.getLogger(__name__)
 Objective = Literal["latency", "size", "balanced"]
 SLOWER_TOLERANCE = 1.05
 """A candidate whose p50 exceeds FP32's by more than this factor is slower (5 % absorbs timer noise)."""
-SLOWER_MIN_MS = 0.01
-"""...and by more than this many milliseconds: smaller differences are not resolvable on a busy machine."""
+SLOWER_MIN_MS = 0.05
+"""...and by more than this many milliseconds: smaller differences are not resolvable on a busy machine.
+
+The operator builds several classes at once in a worker pool, where a model of a few microseconds
+measured 0.010 ms for FP32 and 0.023 ms for its exact graph-optimized copy: noise, not a slower model.
+"""
 SYNTHETIC_SAMPLES = 64
 MIN_SPLIT = 20
 """Data sets at least this large are split into calibration and evaluation halves."""
