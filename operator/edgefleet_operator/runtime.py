@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WORKERS: Final = 2
 """Pipelines that may run at once: each is CPU-bound (ONNX Runtime, quantization), so about the cores."""
-_KEY_FILE_SUFFIXES: Final = (".pem", ".pub.json")
-_MAX_KEY_FILE_BYTES: Final = 64 * 1024
 
 
 class RuntimeSetupError(EdgeFleetError):
@@ -99,30 +97,14 @@ class OperatorSettings:
 
 
 def load_keys(directory: Path) -> KeySet:
-    """The key set in ``directory``: ``keys.json`` plus ``*.pem`` (private) and ``*.pub.json`` (root public).
-
-    Reads the public root key files too, so the online-only key set that ``edgefleet keys secret``
-    puts in a Secret (mounted as a folder) loads as well as a full one.
-    """
-
+    """The key set in ``directory``: a full one, or the online-only one ``edgefleet keys secret`` puts in
+    a Secret (mounted as a folder)."""
     if not (directory / INDEX_FILE).is_file():
         raise RuntimeSetupError(
             f"{directory}: no signing keys here ({INDEX_FILE} is missing); see `edgefleet keys init`"
         )
-    files: dict[str, bytes] = {}
     try:
-        for path in directory.iterdir():
-            # A mounted Secret also holds `..data` links and folders: only our file names count.
-            if path.name == INDEX_FILE or path.name.endswith(_KEY_FILE_SUFFIXES):
-                with path.open("rb") as handle:
-                    content = handle.read(_MAX_KEY_FILE_BYTES + 1)
-                if len(content) > _MAX_KEY_FILE_BYTES:
-                    raise RuntimeSetupError(f"{path}: over {_MAX_KEY_FILE_BYTES} bytes, not a key file")
-                files[path.name] = content
-    except OSError as exc:
-        raise RuntimeSetupError(f"cannot read the signing keys in {directory}: {exc.strerror or exc}") from None
-    try:
-        return KeySet.from_files(files, str(directory))
+        return KeySet.load(directory)
     except SigningError as exc:
         raise RuntimeSetupError(str(exc)) from None
 

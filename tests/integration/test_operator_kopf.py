@@ -15,11 +15,10 @@ import re
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -37,6 +36,7 @@ from edgefleet_operator.operator_cli import READY_LINE, app
 from edgefleet_operator.runtime import OperatorSettings
 from edgefleet_proto.v1 import inference_pb2, inference_pb2_grpc
 from tests.support.fleet import Process, fleet_site, gateway_address, inference_address
+from tests.support.fleet import wait_for as poll
 from tests.support.kube_api import KubeApiServer, kube_api_server, matching, running_kube_api
 from tests.support.tiny_models import tiny_cnn
 
@@ -44,7 +44,6 @@ pytestmark = pytest.mark.integration
 
 __all__ = ["kube_api_server"]  # the fixture, used by name below
 
-T = TypeVar("T")
 NAMESPACE = "vision"
 GRAPH_ONLY: dict[str, Any] = {"passes": [{"type": "GraphOptimization"}]}
 """A recipe the pipeline runs in milliseconds on the tiny CNN."""
@@ -55,18 +54,6 @@ JsonObject = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def poll(what: str, check: Callable[[], T | None], *, timeout: float = 60.0, every: float = 0.05) -> T:
-    """``check()`` until it returns something other than ``None``/``False``; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 @dataclass(frozen=True)

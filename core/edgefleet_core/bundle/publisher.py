@@ -18,7 +18,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ from edgefleet_core.signing.layout import METADATA_DIR
 from edgefleet_core.signing.repository import ExpiryPolicy, RepositoryVersions, TufRepository, utc_now
 from edgefleet_core.store.base import ArtifactStore
 
+RENEW_WITHIN = timedelta(hours=12)
+"""Renew signed metadata this long before it lapses: twice a day for the one-day timestamp."""
 BUILD_KEY = "buildKey"
 """The lineage field that records the build key a version was published for."""
 _INTEGER = re.compile(r"^[0-9]+$")
@@ -84,8 +86,22 @@ class Publisher:
         self._prefix = prefix
         self._metadata_dir = metadata_dir
         self._repository = TufRepository(store, keys, prefix=prefix, expiry=expiry, clock=clock)
+        self._clock = clock
+        self._renew_due: datetime | None = None
 
     # ------------------------------------------------------------------ the repository itself
+
+    def renew_if_due(self, *, within: timedelta = RENEW_WITHIN) -> RepositoryVersions | None:
+        """Re-sign the signed metadata that would lapse within ``within`` (see :meth:`TufRepository.renew`).
+
+        Cheap when nothing is due: the publisher remembers when the next renewal falls and reads
+        nothing before then (a renewal by someone else only moves that moment later). ``None`` when
+        nothing was written.
+        """
+        if self._renew_due is not None and self._clock() < self._renew_due:
+            return None
+        written, self._renew_due = self._repository.renew(within=within)
+        return written
 
     def is_initialized(self) -> bool:
         """Whether the repository has a root (any version)."""

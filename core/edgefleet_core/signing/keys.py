@@ -205,13 +205,15 @@ class KeySet:
 
     @classmethod
     def load(cls, directory: Path) -> KeySet:
-        """Read a key directory written by :meth:`save`."""
+        """Read a key directory written by :meth:`save`, or an online-only one (a mounted Secret of
+        :meth:`to_secret_data`: root public keys as ``<keyid>.pub.json``)."""
         if not (directory / INDEX_FILE).is_file():
             raise SigningError(f"{directory}: no key set here ({INDEX_FILE} is missing)")
         files: dict[str, bytes] = {}
         try:
             for path in directory.iterdir():
-                if path.name == INDEX_FILE or path.name.endswith(".pem"):
+                # A mounted Secret also holds `..data` links and folders: only our file names count.
+                if path.name == INDEX_FILE or path.name.endswith((".pem", ".pub.json")):
                     files[path.name] = _read_bounded(path)
         except OSError as e:
             raise SigningError(f"cannot read keys from {directory}: {e}") from e

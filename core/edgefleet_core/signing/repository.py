@@ -252,6 +252,27 @@ class TufRepository:
         self._write_metadata("timestamp.json", state.timestamp)
         return state.versions()
 
+    def renew(self, *, within: timedelta) -> tuple[RepositoryVersions | None, datetime]:
+        """Re-sign the online roles that would lapse within ``within``; what was written, and when next due.
+
+        Devices refuse expired metadata, and only a publish renews targets (90 days) and snapshot:
+        a control plane that publishes nothing for a while must still keep them current. Targets
+        due: a new targets version (with snapshot and timestamp). Else snapshot or timestamp due: a
+        new timestamp (:meth:`refresh_timestamp`). The second value is the earliest moment one of
+        them is due again (their earliest expiry less ``within``). Online keys are enough.
+        """
+        state = self._load()
+        horizon = self._now() + within
+        written: RepositoryVersions | None = None
+        if state.targets.signed.expires <= horizon:
+            written = self._write_targets(state)
+        elif min(state.snapshot.signed.expires, state.timestamp.signed.expires) <= horizon:
+            written = self.refresh_timestamp()
+        if written is not None:
+            state = self._load()
+        earliest = min(state.targets.signed.expires, state.snapshot.signed.expires, state.timestamp.signed.expires)
+        return written, earliest - within
+
     def rotate_root(self, new_keys: KeySet) -> RepositoryVersions:
         """Hand the repository to ``new_keys``: a new root version signed by the old and the new root keys.
 

@@ -8,7 +8,8 @@ code. Layers:
 - :mod:`.build_key`: the content address of a variant's build inputs (adoption after a restart);
 - :mod:`.variants`: one variant built (optimize, partition, self-test) and its status entry;
 - :mod:`.status`: the Kubernetes-convention conditions;
-- :mod:`.errors`: :class:`SpecError` (the user must act: ``Stalled``) and :class:`TransientError` (retry).
+- :mod:`.errors`: :class:`SpecError` (the user must act: ``Stalled``) and :class:`TransientError` (retry);
+- :mod:`.edge_model`: :class:`EdgeModelReconciler`, which ties them together with the rollout controller.
 """
 
 from edgefleet_operator.reconcile.build_key import (
@@ -19,6 +20,9 @@ from edgefleet_operator.reconcile.build_key import (
     pinned_data_sha256,
     recipe_field,
 )
+
+# Last: it builds on every module above.
+from edgefleet_operator.reconcile.edge_model import EdgeModelReconciler, Event, ReconcileResult, VariantBuilder
 from edgefleet_operator.reconcile.errors import ReconcileError, SpecError, TransientError
 from edgefleet_operator.reconcile.sources import SourceResolver
 from edgefleet_operator.reconcile.status import (
@@ -49,11 +53,15 @@ __all__ = [
     "ROLLED_OUT",
     "STALLED",
     "BuiltVariant",
+    "EdgeModelReconciler",
+    "Event",
     "ReconcileError",
+    "ReconcileResult",
     "SourceResolver",
     "SpecError",
     "StatusReason",
     "TransientError",
+    "VariantBuilder",
     "build_inputs",
     "build_key",
     "build_variant",

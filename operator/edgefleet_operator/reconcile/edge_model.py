@@ -273,6 +273,7 @@ class EdgeModelReconciler:
             # Nothing is built or assigned: what the fleet runs now stays as it is.
             logger.warning("[%s/%s] stalled: %s", namespace, name, exc)
             return self._stalled_on_targets(model, before, exc, now)
+        self._renew_signed_metadata()
         works = [self._plan(model, device_class) for device_class in targets]
         dropped = sorted({v.device_class for v in before.variants or []} - {w.name for w in works})
         if dropped:
@@ -289,6 +290,23 @@ class EdgeModelReconciler:
         if retrying and not _was_retrying(before):
             events.append(Event("Warning", "Retrying", _retry_message(retrying)))
         return ReconcileResult(status, events, self._requeue_after(model, works, now))
+
+    def _renew_signed_metadata(self) -> None:
+        """Keep the repository's timestamp, snapshot and targets from lapsing (devices refuse expired ones).
+
+        Only a publish renews them otherwise, and a fleet may go weeks without one. Cheap: the
+        publisher reads nothing until a renewal is due. A failure is logged and retried next time:
+        the metadata still has hours left (see ``RENEW_WITHIN``).
+        """
+        try:
+            with self._publish_lock:
+                written = self._publisher.renew_if_due()
+        except EdgeFleetError as exc:
+            logger.warning("cannot renew the signed metadata (retried at the next reconcile): %s", exc)
+            return
+        if written is not None:
+            logger.info("renewed the signed metadata: timestamp %d, snapshot %d, targets %d",
+                        written.timestamp, written.snapshot, written.targets)  # fmt: skip
 
     def _plan(self, model: EdgeModel, device_class: DeviceClass) -> _ClassWork:
         """The class's build key, and its published variant when that build is already there."""

@@ -159,6 +159,8 @@ class FakeGateway(fleet_pb2_grpc.FleetGatewayServicer):
         """Lifetime of certificates issued by Enroll (they start a minute in the past)."""
         self.renew_validity = timedelta(days=1)
         self.renewals: list[fleet_pb2.RenewRequest] = []
+        self.issued: list[bytes] = []
+        """Every certificate issued (Enroll and Renew), in order."""
         self.peers: list[str] = []
         """Common name of the client certificate of each WatchAssignments call."""
 
@@ -177,6 +179,7 @@ class FakeGateway(fleet_pb2_grpc.FleetGatewayServicer):
 
     def _issued(self, csr_pem: str, device_id: str, validity: timedelta) -> fleet_pb2.EnrollResponse:
         certificate = self.pki.sign_csr(csr_pem.encode(), device_id, validity)
+        self.issued.append(certificate)
         response = fleet_pb2.EnrollResponse(
             certificate_chain_pem=certificate.decode(),
             ca_bundle_pem=self.pki.ca_pem.decode(),

@@ -397,10 +397,12 @@ async def test_the_certificate_is_renewed_and_the_loops_reconnect_with_it(world:
     agent = world.agent()
     identity_dir = world.settings.state_dir / "identity"
     task, _ = await started(agent)
-    enrolled_cert = (identity_dir / "cert.pem").read_bytes()
     await until(lambda: agent.renewals == 1)
     assert len(gateway.renewals) == 1
-    renewed_cert = (identity_dir / "cert.pem").read_bytes()
+    # The certificates as issued, not as read from disk: on a busy machine the renewal may already
+    # have replaced the enrolled certificate by the time the agent reports itself started.
+    enrolled_cert, renewed_cert = gateway.issued
+    assert (identity_dir / "cert.pem").read_bytes() == renewed_cert
     assert renewed_cert != enrolled_cert
     key = serialization.load_pem_private_key((identity_dir / "key.pem").read_bytes(), password=None)
     leaf = x509.load_pem_x509_certificate(renewed_cert)

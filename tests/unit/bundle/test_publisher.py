@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +310,60 @@ def test_a_published_bundle_reads_the_same_as_one_published_by_hand(
     assert found is not None
     assert found.manifest == built.manifest
     assert found.ref.version == "4"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        from edgefleet_core.signing.repository import utc_now
+
+        self.now = utc_now()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _roles(store: LocalStore) -> dict[str, int]:
+    """Newest version of each online role in the store."""
+    found: dict[str, int] = {}
+    for key in store.list("tuf/metadata/"):
+        name = key.rsplit("/", 1)[-1]
+        match = re.fullmatch(r"(\d+)\.(targets|snapshot)\.json", name)
+        if match:
+            found[match[2]] = max(found.get(match[2], 0), int(match[1]))
+    timestamp = json.loads(store.get("tuf/metadata/timestamp.json", max_bytes=1 << 20))
+    found["timestamp"] = timestamp["signed"]["version"]
+    return found
+
+
+def test_signed_metadata_is_renewed_before_it_lapses_and_only_then(
+    store: LocalStore, keys: KeySet, tmp_path: Path
+) -> None:
+    clock = _Clock()
+    publisher = Publisher(store, keys, clock=clock)
+    publisher.ensure_initialized()
+    _publish(publisher, _ref("1"))
+    start = _roles(store)
+    assert publisher.renew_if_due() is None  # everything fresh: nothing written
+    clock.now += timedelta(hours=11)
+    assert publisher.renew_if_due() is None  # the timestamp (one day) still has 13 h
+    assert _roles(store) == start
+    clock.now += timedelta(hours=2)  # 11 h left: within the 12 h margin
+    written = publisher.renew_if_due()
+    assert written is not None
+    assert _roles(store) == {**start, "timestamp": start["timestamp"] + 1}
+    # Days later the snapshot (7 days) is due too, and after 90 days the targets: each in turn.
+    for _ in range(200):
+        clock.now += timedelta(hours=12)
+        publisher.renew_if_due()
+    renewed = _roles(store)
+    assert renewed["snapshot"] > start["snapshot"]
+    assert renewed["targets"] > start["targets"]
+    # A device that trusts the root still verifies and fetches the bundle, 100 days on.
+    client = _device(store, publisher, tmp_path / "device")
+    client.refresh()
+    assert fetch_bundle(client, _ref("1")).files["model.onnx"] == CNN
+
+
+def test_renewing_an_uninitialized_repository_names_the_problem(store: LocalStore, keys: KeySet) -> None:
+    with pytest.raises(SigningError, match="initialize it first"):
+        Publisher(store, keys).renew_if_due()

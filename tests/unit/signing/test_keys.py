@@ -177,3 +177,14 @@ def test_repr_shows_no_key_material(keys: KeySet) -> None:
     text = repr(keys)
     assert keys.targets.public_key.keyid in text
     assert "PRIVATE" not in text
+
+
+def test_a_mounted_operator_secret_loads_as_a_folder(keys: KeySet, tmp_path: Path) -> None:
+    # What Kubernetes mounts for `edgefleet keys secret`: the files, plus its own `..data` entries.
+    for name, encoded in keys.to_secret_data().items():
+        (tmp_path / name).write_bytes(base64.b64decode(encoded))
+    (tmp_path / "..data").mkdir()
+    online = KeySet.load(tmp_path)
+    assert online.online_only
+    assert online.public_keys("root") == keys.public_keys("root")
+    assert _ids(online) == _ids(keys)

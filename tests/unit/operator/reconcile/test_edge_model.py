@@ -10,6 +10,7 @@ class); the status goes through its JSON form between reconciles, as kopf stores
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -571,3 +572,24 @@ def test_an_unexpected_spec_error_from_the_builder_names_the_class(harness: Harn
     harness.builder.fail[CPU] = SpecError("spec.partition.cut", "no such tensor")
     _, result = harness.reconcile(model)
     assert condition(result.status, "Stalled").message == f"DeviceClass {CPU}: spec.partition.cut: no such tensor"
+
+
+def test_reconciling_keeps_the_signed_metadata_from_lapsing(
+    make_harness: Callable[..., Harness], store: LocalStore, keys: KeySet, model: EdgeModel
+) -> None:
+    # Devices refuse expired metadata; with nothing new to publish, the reconciler still renews it.
+    later = Clock(datetime.now(UTC))
+    harness = make_harness(publisher_=Publisher(store, keys, clock=later))
+    first, _ = harness.reconcile(model)
+
+    def timestamp_version() -> int:
+        document = json.loads(store.get("tuf/metadata/timestamp.json", max_bytes=1 << 20))
+        return int(document["signed"]["version"])
+
+    before = timestamp_version()
+    harness.reconcile(first)
+    assert timestamp_version() == before  # fresh: nothing written
+    later.advance(13 * 3600)  # the one-day timestamp has 11 h left
+    harness.reconcile(first)
+    assert timestamp_version() == before + 1
+    assert harness.builder.built() == [CPU]  # renewing is no rebuild
