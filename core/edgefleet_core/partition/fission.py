@@ -42,6 +42,7 @@ __all__ = [
     "balanced_split",
     "fission",
     "fission_sites",
+    "rebalanced_split",
 ]
 
 MIN_PART: Final = 8
@@ -142,9 +143,28 @@ def balanced_split(
     if channels < 2 * min_part:
         raise PartitionError(f"{channels} channels cannot be split into two parts of at least {min_part}")
     fraction = 0.5 if operator_ms <= 0 else (after_ms + operator_ms - before_ms) / (2.0 * operator_ms)
+    return _aligned(fraction * channels, channels, min_part)
+
+
+def _aligned(first: float, channels: int, min_part: int) -> int:
+    """``first`` rounded to the widest of 16/8/4 dividing ``channels``, within ``[min_part, channels - min_part]``."""
     align = next((a for a in (16, 8, 4) if channels % a == 0 and channels // a >= 4), 1)
-    first = round(fraction * channels / align) * align
-    return min(max(first, min_part), channels - min_part)
+    return min(max(round(first / align) * align, min_part), channels - min_part)
+
+
+def rebalanced_split(
+    channels: int, head_part: int, head_ms: float, tail_ms: float, operator_ms: float, *, min_part: int = MIN_PART
+) -> int:
+    """The head's channels after measuring a split at ``head_part``: move channels to the faster stage.
+
+    The first split comes from costs measured without it; the split itself changes them a little
+    (two smaller kernels, the Concat, fusions). Each channel costs about ``operator_ms / channels``,
+    so half the measured difference, in channels, moves from the slower stage to the faster one.
+    """
+    if operator_ms <= 0:
+        return head_part
+    per_channel = operator_ms / channels
+    return _aligned(head_part - (head_ms - tail_ms) / (2.0 * per_channel), channels, min_part)
 
 
 def _fresh(name: str, taken: set[str]) -> str:
