@@ -43,6 +43,8 @@ from edgefleet_core.resources.base import API_GROUP, API_VERSION
 from edgefleet_core.resources.device_class import DeviceClass
 from edgefleet_core.resources.edge_model import EdgeModel, EdgeModelStatus, Targets
 from edgefleet_core.resources.loading import parse_resource
+from edgefleet_operator.jobs.errors import KubeApiUnavailable
+from edgefleet_operator.jobs.kube import ApiEndpoint
 from edgefleet_operator.reconcile.edge_model import EdgeModelReconciler, ReconcileResult
 from edgefleet_operator.reconcile.status import STALLED, StatusReason, summarize
 from edgefleet_operator.reconcile.targets import targets_class
@@ -181,8 +183,9 @@ class EdgeModelDriver:
         self.settings = settings
         self.kopf_settings = kopf_settings
         self.schedule = RequeueSchedule()
-        self._build = build or _build_reconciler
+        self._build = build or self._build_reconciler
         self._reconciler: EdgeModelReconciler | None = None
+        self._api: ApiEndpoint | None = None
         # Reconcile calls and the per-class builds they fan out to get separate pools: a reconcile
         # waiting on its builds must never hold the thread a build needs.
         self._calls = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="edgefleet-reconcile")
@@ -193,6 +196,19 @@ class EdgeModelDriver:
         """Why the operator could not start, when a person must act (kopf only says that start-up failed)."""
 
     # ------------------------------------------------------------------ life cycle
+
+    def logged_in(self, endpoint: ApiEndpoint) -> None:
+        """kopf logged in (again): the credentials pipeline Jobs are created with from now on."""
+        self._api = endpoint
+
+    def api_endpoint(self) -> ApiEndpoint:
+        """The API server and credentials kopf logged in with last."""
+        if self._api is None:
+            raise KubeApiUnavailable("not logged in to the Kubernetes API yet")
+        return self._api
+
+    def _build_reconciler(self, settings: OperatorSettings, pool: ThreadPoolExecutor) -> EdgeModelReconciler:
+        return build_reconciler(settings, executor=pool, api=self.api_endpoint)
 
     async def start(self) -> None:
         """Build the reconciler (opens the store, checks keys and repository) off the event loop."""
@@ -282,10 +298,6 @@ class EdgeModelDriver:
         for uid in woken:
             self.schedule.wake(uid)
         return woken
-
-
-def _build_reconciler(settings: OperatorSettings, pool: ThreadPoolExecutor) -> EdgeModelReconciler:
-    return build_reconciler(settings, executor=pool)
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -415,7 +427,7 @@ def build_registry(driver: EdgeModelDriver) -> kopf.OperatorRegistry:
 
     @kopf.on.login(id="login", registry=registry)
     async def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.AiohttpSession | None:
-        return await _login(ks, settings, **kwargs)
+        return await _login(ks, settings, on_login=driver.logged_in, **kwargs)
 
     @kopf.on.startup(id="open-store", registry=registry)
     async def start(retry: int, **_: Any) -> None:
@@ -506,8 +518,17 @@ class _QuietTicks(logging.Filter):
         return record.getMessage() != self._line
 
 
-async def _login(ks: KopfSettings, settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.AiohttpSession | None:
-    """Credentials as kopf finds them (a server URL, the service account, kubeconfig), sent with our User-Agent."""
+async def _login(
+    ks: KopfSettings,
+    settings: kopf.OperatorSettings,
+    *,
+    on_login: Callable[[ApiEndpoint], None] | None = None,
+    **kwargs: Any,
+) -> kopf.AiohttpSession | None:
+    """Credentials as kopf finds them (a server URL, the service account, kubeconfig), sent with our User-Agent.
+
+    ``on_login`` gets the same credentials for our own synchronous calls (pipeline Jobs).
+    """
     info: kopf.ConnectionInfo | None
     if ks.server is not None:
         info = kopf.ConnectionInfo(server=ks.server, default_namespace="default")
@@ -519,9 +540,12 @@ async def _login(ks: KopfSettings, settings: kopf.OperatorSettings, **kwargs: An
         return None  # kopf then reports that no credentials were found
     # The session kopf would build from `info`, with the replica named in the User-Agent: the API
     # server's audit log then shows which replica wrote what.
+    headers = {**info.as_http_headers(), "User-Agent": ks.user_agent()}
+    if on_login is not None:
+        on_login(ApiEndpoint(info.server, ssl_context=info.as_ssl_context(), headers=headers))
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
-        headers={**info.as_http_headers(), "User-Agent": ks.user_agent()},
+        headers=headers,
         proxy=info.proxy_url,
         trust_env=info.trust_env,
     )

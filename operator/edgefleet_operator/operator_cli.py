@@ -94,9 +94,44 @@ def run(
         str | None, typer.Option("--liveness", help="Serve a liveness probe here, e.g. http://0.0.0.0:8080/healthz.")
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info or warning.")] = "info",
+    build_mode: Annotated[
+        str,
+        typer.Option(
+            "--build-mode",
+            help="pool: build variants in the operator's worker threads; jobs: one Kubernetes Job per model and "
+            "class runs edgefleet pipeline-job, and the operator signs and publishes what it built.",
+        ),
+    ] = "pool",
+    job_image: Annotated[
+        str | None,
+        typer.Option("--job-image", help="Container image of the pipeline Jobs (with the edgefleet command)."),
+    ] = None,
+    job_namespace: Annotated[
+        str | None,
+        typer.Option("--job-namespace", help="Run the pipeline Jobs in this namespace; default: each EdgeModel's own."),
+    ] = None,
+    job_service_account: Annotated[
+        str | None, typer.Option("--job-service-account", help="ServiceAccount the pipeline Jobs' pods run as.")
+    ] = None,
+    job_s3_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--job-s3-secret",
+            help="Secret whose keys become the pipeline Jobs' environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).",
+        ),
+    ] = None,
+    job_deadline_seconds: Annotated[
+        int,
+        typer.Option("--job-deadline-seconds", min=60, help="A pipeline Job running longer fails and is restarted."),
+    ] = 3600,
+    job_poll_seconds: Annotated[
+        float,
+        typer.Option("--job-poll-seconds", min=0.1, help="How often a model with a running pipeline Job is checked."),
+    ] = 10.0,
 ) -> None:
     """Run the operator until SIGTERM or SIGINT. S3 credentials come from AWS_ACCESS_KEY_ID and
     AWS_SECRET_ACCESS_KEY (or MINIO_ACCESS_KEY and MINIO_SECRET_KEY)."""
+    from edgefleet_operator.jobs.manifest import JobSettings
     from edgefleet_operator.kopf_app import KopfSettings, default_identity
     from edgefleet_operator.runtime import OperatorSettings, S3Options
 
@@ -104,9 +139,25 @@ def run(
         raise typer.BadParameter("give either --namespace (one or more) or --all-namespaces", param_hint="--namespace")
     if (peering is None) == (not standalone):
         raise typer.BadParameter("give either --peering NAME or --standalone", param_hint="--peering")
+    if build_mode not in ("pool", "jobs"):
+        raise typer.BadParameter(f"{build_mode!r} is not pool or jobs", param_hint="--build-mode")
+    if (build_mode == "jobs") != (job_image is not None):
+        raise typer.BadParameter("--build-mode jobs needs --job-image (and only it)", param_hint="--job-image")
     if log_level not in _LOG_LEVELS:
         raise typer.BadParameter(f"{log_level!r} is not debug, info or warning", param_hint="--log-level")
     try:
+        jobs = (
+            JobSettings(
+                image=job_image,
+                namespace=job_namespace,
+                service_account=job_service_account,
+                s3_secret=job_s3_secret,
+                active_deadline_seconds=job_deadline_seconds,
+                poll_seconds=job_poll_seconds,
+            )
+            if job_image is not None
+            else None
+        )
         settings = OperatorSettings(
             store_url=store,
             keys_dir=keys,
@@ -115,6 +166,8 @@ def run(
             s3=S3Options(endpoint=endpoint, region=region),
             rollout_poll_seconds=rollout_poll_seconds,
             resync_seconds=resync_seconds,
+            build_mode="jobs" if build_mode == "jobs" else "pool",
+            jobs=jobs,
         )
         kopf_settings = KopfSettings(
             server=server,
@@ -125,7 +178,7 @@ def run(
             liveness=liveness,
             identity=identity or default_identity(),
         )
-    except EdgeFleetError as exc:
+    except (EdgeFleetError, ValueError) as exc:
         raise _fail(str(exc)) from None
     _configure_logging(_LOG_LEVELS[log_level])
     import kopf

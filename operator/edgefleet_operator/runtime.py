@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from edgefleet_core.bundle.publisher import Publisher
 from edgefleet_core.errors import EdgeFleetError, SigningError, StoreUnavailable
@@ -23,12 +23,21 @@ from edgefleet_core.store.base import ArtifactStore
 from edgefleet_core.store.url import open_store
 from edgefleet_core.training import load_trainer
 from edgefleet_operator.fleet.state import FleetState
-from edgefleet_operator.reconcile.edge_model import DEFAULT_POLL_S, DEFAULT_RESYNC_S, EdgeModelReconciler
+from edgefleet_operator.jobs.dispatcher import KubeJobDispatcher
+from edgefleet_operator.jobs.kube import ApiEndpoint, KubeApi
+from edgefleet_operator.jobs.manifest import JobSettings, StoreAccess
+from edgefleet_operator.reconcile.edge_model import (
+    DEFAULT_DISPATCH_POLL_S,
+    DEFAULT_POLL_S,
+    DEFAULT_RESYNC_S,
+    EdgeModelReconciler,
+)
 from edgefleet_operator.reconcile.sources import SourceResolver
 from edgefleet_operator.rollout.controller import PublishedBundles
 
 logger = logging.getLogger(__name__)
 
+BuildMode = Literal["pool", "jobs"]
 DEFAULT_WORKERS: Final = 2
 """Pipelines that may run at once: each is CPU-bound (ONNX Runtime, quantization), so about the cores."""
 
@@ -88,8 +97,15 @@ class OperatorSettings:
     """How soon a rollout under way is stepped again when only device reports can move it on."""
     resync_seconds: float | None = DEFAULT_RESYNC_S
     """How soon a settled model is looked at again (devices enrolled since get its version); ``None``: never."""
+    build_mode: BuildMode = "pool"
+    """``pool``: class builds run in the operator's worker threads; ``jobs``: one Kubernetes Job per
+    (model, class) runs ``edgefleet pipeline-job`` and the operator publishes what it built."""
+    jobs: JobSettings | None = None
+    """How pipeline Jobs are made; required with ``build_mode="jobs"``."""
 
     def __post_init__(self) -> None:
+        if self.build_mode == "jobs" and self.jobs is None:
+            raise RuntimeSetupError("building in Jobs needs the Job settings (at least the image)")
         if self.workers < 1:
             raise RuntimeSetupError(f"workers must be at least 1, not {self.workers}")
         if self.rollout_poll_seconds <= 0 or (self.resync_seconds is not None and self.resync_seconds <= 0):
@@ -158,11 +174,17 @@ def prepare_repository(publisher: Publisher, keys: KeySet, *, initialize: bool) 
     return publisher.trusted_root()
 
 
-def build_reconciler(settings: OperatorSettings, *, executor: ThreadPoolExecutor | None = None) -> EdgeModelReconciler:
+def build_reconciler(
+    settings: OperatorSettings,
+    *,
+    executor: ThreadPoolExecutor | None = None,
+    api: Callable[[], ApiEndpoint] | None = None,
+) -> EdgeModelReconciler:
     """The reconciler ``settings`` describe: store, keys, publisher (repository ready), fleet, sources, cache.
 
     ``executor`` runs the per-class builds; without one a pool of ``settings.workers`` threads is
-    made (its idle threads end with the process). Raises :class:`RuntimeSetupError` for settings a
+    made (its idle threads end with the process). ``api``: the Kubernetes API credentials, asked
+    for at each call (kopf's login); needed with ``build_mode="jobs"``. Raises :class:`RuntimeSetupError` for settings a
     person must fix, and store errors as they come (:func:`is_store_outage` tells which to retry).
     """
     keys = load_keys(settings.keys_dir)
@@ -175,8 +197,12 @@ def build_reconciler(settings: OperatorSettings, *, executor: ThreadPoolExecutor
         raise RuntimeSetupError(f"S3 options: {exc}") from None
     cache = VariantCache(settings.cache_dir) if settings.cache_dir is not None else None
     pool = executor or ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="edgefleet-build")
+    dispatcher = _job_dispatcher(settings, store, api)
     logger.info(
-        "reconciler ready: store %s, keys %s, %d worker(s)", settings.store_url, settings.keys_dir, settings.workers
+        "reconciler ready: store %s, keys %s, builds in %s",
+        settings.store_url,
+        settings.keys_dir,
+        f"{settings.workers} worker(s)" if dispatcher is None else "Kubernetes Jobs",
     )
     return EdgeModelReconciler(
         publisher=publisher,
@@ -188,7 +214,20 @@ def build_reconciler(settings: OperatorSettings, *, executor: ThreadPoolExecutor
         executor=pool,
         poll_interval=settings.rollout_poll_seconds,
         resync_interval=settings.resync_seconds,
+        dispatcher=dispatcher,
+        dispatch_poll_interval=settings.jobs.poll_seconds if settings.jobs is not None else DEFAULT_DISPATCH_POLL_S,
     )
+
+
+def _job_dispatcher(
+    settings: OperatorSettings, store: ArtifactStore, api: Callable[[], ApiEndpoint] | None
+) -> KubeJobDispatcher | None:
+    if settings.build_mode != "jobs":
+        return None
+    if settings.jobs is None or api is None:
+        raise RuntimeSetupError("building in Jobs needs a Kubernetes API server (it runs under the kopf operator)")
+    access = StoreAccess(settings.store_url, endpoint=settings.s3.endpoint, region=settings.s3.region)
+    return KubeJobDispatcher(settings.jobs, KubeApi(api), store, access)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,10 @@ idempotent on its own: a class whose build inputs (its build key) are already pu
 version instead of building again, and the rollout controller never assigns what the fleet already
 holds. A restart at any point therefore converges on the same artifacts and the same status.
 
+Builds run in the reconciler's executor, or, with a :class:`~.dispatch.BuildDispatcher`, elsewhere
+(one Kubernetes Job per class): then a class stays ``Reconciling`` (``BuildingInJob``) while its
+build runs, and the reconciler publishes the variant the dispatcher hands back.
+
 Per-class independence: a class whose build fails (a spec the pipeline cannot meet) or whose store
 access fails keeps its previous variant and rollout untouched, and the other classes go on.
 
@@ -45,6 +49,7 @@ from edgefleet_core.resources.edge_model import (
 from edgefleet_operator.fleet.records import model_key
 from edgefleet_operator.fleet.state import FleetState, utc_now
 from edgefleet_operator.reconcile.build_key import build_key, pinned_data_sha256
+from edgefleet_operator.reconcile.dispatch import BuildDispatcher, Built, DispatchState, Failed, Running
 from edgefleet_operator.reconcile.errors import SpecError
 from edgefleet_operator.reconcile.sources import SourceResolver
 from edgefleet_operator.reconcile.status import (
@@ -82,6 +87,8 @@ RETRY_BASE_S: Final = 5.0
 RETRY_MAX_S: Final = 300.0
 DEFAULT_POLL_S: Final = 30.0
 """How soon a rollout under way is stepped again when only device reports can move it on."""
+DEFAULT_DISPATCH_POLL_S: Final = 10.0
+"""How soon a model is looked at again while a class's build runs elsewhere (a Job)."""
 DEFAULT_RESYNC_S: Final = 300.0
 """How soon a settled rollout is looked at again (devices that enrolled since get the version)."""
 MEMO_LIMIT: Final = 4096
@@ -97,6 +104,9 @@ _PHASE_PRECEDENCE: Final[tuple[RolloutPhase, ...]] = (
     "Succeeded",
 )
 """The model's ``rolloutPhase`` is its classes' first phase in this order (the one that needs attention)."""
+
+BUILDING_ELSEWHERE: Final = "BuildingInJob"
+"""Reason of ``Optimized`` (false) and ``Reconciling`` (true) while a dispatched build runs."""
 
 EventType = Literal["Normal", "Warning"]
 _DECISION_EVENTS: Final[dict[type, tuple[EventType, str | None]]] = {
@@ -164,6 +174,8 @@ class _ClassWork:
     """The spec cannot be met for this class: the user must act."""
     retry: EdgeFleetError | None = None
     """The store, network or repository failed: a later attempt may succeed."""
+    building: str | None = None
+    """The build runs elsewhere (a dispatched Job) and has not finished: where, for the status."""
     step: RolloutStep | None = None
 
     @property
@@ -237,10 +249,15 @@ class EdgeModelReconciler:
         executor: Executor | None = None,
         poll_interval: float = DEFAULT_POLL_S,
         resync_interval: float | None = DEFAULT_RESYNC_S,
+        dispatcher: BuildDispatcher | None = None,
+        dispatch_poll_interval: float = DEFAULT_DISPATCH_POLL_S,
     ) -> None:
         """``bundles`` tells the rollout controller what an assignment of a version names
         (:class:`~edgefleet_operator.rollout.controller.PublishedBundles` over the publisher's store).
         ``executor``: where class builds run; ``None`` runs them one after another in the caller.
+        ``dispatcher``: when given, builds run there instead (``builder`` and ``executor`` are unused,
+        and the operator never reads the sources); a running build is looked at again after
+        ``dispatch_poll_interval`` seconds.
         """
         self._publisher = publisher
         self._fleet = fleet
@@ -252,6 +269,8 @@ class EdgeModelReconciler:
         self._executor = executor
         self._poll_interval = poll_interval
         self._resync_interval = resync_interval
+        self._dispatcher = dispatcher
+        self._dispatch_poll_interval = dispatch_poll_interval
         self._controller = RolloutController(fleet, bundles, clock=clock)
         self._memo = _Memo()
         self._publish_lock = threading.Lock()
@@ -338,6 +357,9 @@ class EdgeModelReconciler:
         """Build and publish every class in ``pending`` as one new version (the source is read once)."""
         if not pending:
             return
+        if self._dispatcher is not None:
+            self._dispatch_missing(self._dispatcher, model, pending, events)
+            return
         namespace, name = _identity(model)
         try:
             version = self._publisher.next_version(namespace, name)
@@ -359,6 +381,72 @@ class EdgeModelReconciler:
         for work in pending:
             if work.built is not None:
                 self._publish(model, work, version, events)
+
+    def _dispatch_missing(
+        self, dispatcher: BuildDispatcher, model: EdgeModel, pending: list[_ClassWork], events: list[Event]
+    ) -> None:
+        """Hand each class in ``pending`` to the dispatcher; publish those whose builds have finished.
+
+        Classes dispatched in one reconcile share one new version, as in-process builds do; a build
+        finishing later is published under the version it was dispatched for.
+        """
+        namespace, name = _identity(model)
+        try:
+            version = self._publisher.next_version(namespace, name)
+        except EdgeFleetError as exc:
+            for work in pending:
+                work.retry = exc
+            logger.warning("[%s/%s] cannot read the repository, will retry: %s", namespace, name, exc)
+            return
+        for work in pending:
+            try:
+                state = dispatcher.dispatch(model, work.device_class, build_key=work.key, version=version)
+            except EdgeFleetError as exc:
+                work.retry = exc
+                logger.warning("[%s/%s] class %s: cannot dispatch the build: %s", namespace, name, work.name, exc)
+                continue
+            self._take_dispatched(model, work, state)
+            if work.built is not None and isinstance(state, Built):
+                self._publish(model, work, self._free_version(model, work, state.version, version), events)
+                if work.published is not None:
+                    self._release(dispatcher, model, work)
+
+    def _take_dispatched(self, model: EdgeModel, work: _ClassWork, state: DispatchState) -> None:
+        """One dispatched build's state onto ``work``; a failure stays with its class."""
+        namespace, name = _identity(model)
+        match state:
+            case Running(message):
+                work.building = message
+            case Built(variant):
+                work.built = variant
+            case Failed(SpecError() as refused):
+                work.problem = refused
+                self._memo.remember_refused((namespace, name, work.name, work.key), refused)
+                logger.warning("[%s/%s] class %s: build refused: %s", namespace, name, work.name, refused)
+            case Failed(error):
+                work.retry = error
+                logger.warning("[%s/%s] class %s: build failed, will retry: %s", namespace, name, work.name, error)
+
+    def _free_version(self, model: EdgeModel, work: _ClassWork, dispatched: str, fresh: str) -> str:
+        """The version the build was dispatched for, unless this class has it already (then ``fresh``).
+
+        Versions are immutable: a class holds a version once. The dispatched one can be taken when a
+        build of an older spec of this class was published under it meanwhile.
+        """
+        namespace, name = _identity(model)
+        try:
+            taken = self._publisher.versions(BundleRef(namespace, name, work.name))
+        except EdgeFleetError:
+            return dispatched  # the publish reads the repository too, and reports the failure
+        return fresh if dispatched in taken else dispatched
+
+    def _release(self, dispatcher: BuildDispatcher, model: EdgeModel, work: _ClassWork) -> None:
+        namespace, name = _identity(model)
+        try:
+            dispatcher.release(model, work.device_class, build_key=work.key)
+        except EdgeFleetError as exc:
+            # Harmless: the version is published, and the staged output is only disk space.
+            logger.warning("[%s/%s] class %s: cannot clean up the finished build: %s", namespace, name, work.name, exc)
 
     def _run_builds(
         self, model: EdgeModel, pending: list[_ClassWork], source: LoadedModel, data: tuple[Dataset, str] | None
@@ -514,6 +602,8 @@ class EdgeModelReconciler:
         for work in works:
             if work.problem is not None and self._resync_interval is not None:
                 delays.append(self._resync_interval)  # a missing source file may yet appear
+            if work.building is not None:
+                delays.append(self._dispatch_poll_interval)
             if work.step is None:
                 continue
             phase = work.step.status.phase
@@ -572,6 +662,8 @@ class EdgeModelReconciler:
                 removed = self._publisher.unpublish(namespace, name)
             if removed:
                 events.append(Event("Normal", "ArtifactsDeleted", f"{removed} signed target(s) of {name} deleted"))
+        if self._dispatcher is not None:
+            self._dispatcher.discard_model(model)
         self._memo.forget_model(namespace, name)
         with self._failures_lock:
             self._failures.pop((namespace, name), None)
@@ -635,6 +727,10 @@ def _retry_message(retrying: list[_ClassWork]) -> str:
     return "; ".join(f"DeviceClass {w.name}: {w.retry}" for w in retrying)
 
 
+def _building_message(building: list[_ClassWork]) -> str:
+    return "; ".join(f"DeviceClass {w.name}: building in {w.building}" for w in building)
+
+
 def _stalled_news(before: EdgeModelStatus, stalled: StatusReason) -> bool:
     """Whether the spec problem is new (not already reported by the status this reconcile started from)."""
     previous = find_condition(before.conditions, STALLED)
@@ -650,6 +746,9 @@ def _progressing(works: list[_ClassWork], rollouts: list[ClassRollout]) -> Statu
     retrying = [w for w in works if w.retry is not None]
     if retrying:
         return StatusReason("Retrying", _retry_message(retrying))
+    building = [w for w in works if w.building is not None]
+    if building:
+        return StatusReason(BUILDING_ELSEWHERE, _building_message(building))
     moving = [r for r in rollouts if r.phase in IN_PROGRESS]
     if moving:
         return StatusReason("RollingOut", "; ".join(f"{r.device_class}: {r.message or r.phase}" for r in moving))
@@ -675,6 +774,8 @@ def _progress_conditions(
     unbuilt = [w for w in works if w.published is None]
     if refused:
         put(OPTIMIZED, False, "InvalidSpec", _problem_message(refused))
+    elif unbuilt and all(w.retry is None for w in unbuilt) and any(w.building is not None for w in unbuilt):
+        put(OPTIMIZED, False, BUILDING_ELSEWHERE, _building_message([w for w in unbuilt if w.building is not None]))
     elif unbuilt:
         put(OPTIMIZED, False, "Retrying", _retry_message([w for w in unbuilt if w.retry is not None]))
     else:
