@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Final
 
 import typer
 
+from edgefleet_core.cli.bundle_cmd import CacheDir, Endpoint, Region
 from edgefleet_core.errors import EdgeFleetError
 
 # ruff: noqa: PLC0415  (a CLI module: kopf and the reconciler are imported when a command runs)
@@ -82,14 +83,9 @@ def run(
             "--rollout-poll-seconds", min=0.1, help="Step a rollout under way at least this often (device reports)."
         ),
     ] = 30.0,
-    cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Cache of optimized variants (default: no cache).")
-    ] = None,
-    endpoint: Annotated[
-        str | None,
-        typer.Option(help="S3 endpoint (http://host:port); default AWS_ENDPOINT_URL or MINIO_ENDPOINT."),
-    ] = None,
-    region: Annotated[str | None, typer.Option(help="S3 region; default AWS_REGION.")] = None,
+    cache_dir: CacheDir = None,
+    endpoint: Endpoint = None,
+    region: Region = None,
     liveness: Annotated[
         str | None, typer.Option("--liveness", help="Serve a liveness probe here, e.g. http://0.0.0.0:8080/healthz.")
     ] = None,

@@ -26,6 +26,9 @@ SecretKey = Annotated[
     str | None, typer.Option(help="S3 secret key; default AWS_SECRET_ACCESS_KEY or MINIO_SECRET_KEY.")
 ]
 Namespace = Annotated[str, typer.Option(help="Namespace of the EdgeModel.")]
+# Shared with the operator's commands (operator run, pipeline-job), so every S3 option reads alike.
+Region = Annotated[str | None, typer.Option(help="S3 region; default AWS_REGION.")]
+CacheDir = Annotated[Path | None, typer.Option("--cache-dir", help="Cache of optimized variants (default: no cache).")]
 MAX_REPORT_BYTES = 16 * 1024 * 1024
 MAX_GOLDEN_BYTES = 1024 * 1024
 """Sample inputs go into the signed manifest, which caps the self-test at 64 KiB; 1 MiB of NPZ is plenty."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from edgefleet_core.cli.bundle_cmd import CacheDir, Endpoint, Region
 from edgefleet_core.errors import EdgeFleetError
 from edgefleet_operator.jobs.manifest import CLASS_ENV, EXIT_REFUSED, MODEL_ENV
 
@@ -62,14 +63,9 @@ def pipeline_job(
             "--device-class-file", help=f"The DeviceClass as JSON or YAML; default: the {CLASS_ENV} variable."
         ),
     ] = None,
-    cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Cache of optimized variants (default: no cache).")
-    ] = None,
-    endpoint: Annotated[
-        str | None,
-        typer.Option(help="S3 endpoint (http://host:port); default AWS_ENDPOINT_URL or MINIO_ENDPOINT."),
-    ] = None,
-    region: Annotated[str | None, typer.Option(help="S3 region; default AWS_REGION.")] = None,
+    cache_dir: CacheDir = None,
+    endpoint: Endpoint = None,
+    region: Region = None,
 ) -> None:
     """Build the variant; S3 credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."""
     from edgefleet_core.store.url import open_store
