@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from edgefleet_core.cli.bench_cmd import report
+
 
 def command(
     out: Annotated[Path, typer.Option("--json", help="Results JSON.")] = Path("bench/results/partition.json"),
@@ -28,14 +30,11 @@ def command(
 
     config = bench.PartitionBenchConfig.quick_run() if quick else bench.PartitionBenchConfig.full()
     config = dataclasses.replace(config, remote=remote)
-    try:
-        document = bench.benchmark(config, out, markdown, progress=typer.echo)
-    except bench.PartitionBenchError as e:
-        typer.echo(f"edgefleet bench partition: {e}", err=True)
-        raise typer.Exit(code=2) from e
-    typer.echo(bench.markdown(document))
-    typer.echo(f"results written to {out}")
-    failed = bench.missed(document)
-    if failed:
-        typer.echo(f"targets missed: {', '.join(failed)}", err=True)
-        raise typer.Exit(code=1)
+    report(
+        "partition",
+        lambda: bench.benchmark(config, out, markdown, progress=typer.echo),
+        error=bench.PartitionBenchError,
+        table=bench.markdown,
+        out=out,
+        missed=bench.missed,
+    )

@@ -367,6 +367,16 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def noisy_machine_note(load_average_1min: float) -> list[str]:
+    """A warning line for a results table when the machine was busy as the run started (else nothing)."""
+    if load_average_1min <= 0.5:
+        return []
+    return [
+        f"**Noisy machine:** 1-minute load average {load_average_1min:.1f} when the run started; "
+        "the figures are low bounds."
+    ]
+
+
 def write_results(document: dict[str, Any], out: Path, markdown_file: Path | None, *, mark: str, table: str) -> None:
     """Write the JSON results, and replace the ``bench:<mark>`` section of a Markdown file with ``table``."""
     write_file_atomic(out, (json.dumps(document, indent=2) + "\n").encode())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
+
+_Document = TypeVar("_Document", bound=Mapping[str, Any])
 
 HELP = "Benchmarks: same-run ratios against a baseline, written to bench/results/."
 
@@ -19,6 +21,32 @@ def build_app(extra: Iterable[tuple[str, Callable[..., None]]] = ()) -> typer.Ty
     for name, command in extra:
         app.command(name=name)(command)
     return app
+
+
+def report(
+    name: str,
+    run: Callable[[], _Document],
+    *,
+    error: type[Exception],
+    table: Callable[[_Document], str],
+    out: Path,
+    missed: Callable[[_Document], list[str]] | None = None,
+) -> None:
+    """Run one benchmark of another package and report it the way every ``edgefleet bench`` does.
+
+    Exit 2 when the run fails (``error``, named), 1 when a target is missed, else 0.
+    """
+    try:
+        document = run()
+    except error as e:
+        typer.echo(f"edgefleet bench {name}: {e}", err=True)
+        raise typer.Exit(code=2) from e
+    typer.echo(table(document))
+    typer.echo(f"results written to {out}")
+    failed = missed(document) if missed is not None else []
+    if failed:
+        typer.echo(f"targets missed: {', '.join(failed)}", err=True)
+        raise typer.Exit(code=1)
 
 
 def pipeline(

@@ -45,7 +45,7 @@ import psutil
 
 from edgefleet_core.bench.bundles import big_model
 from edgefleet_core.bench.measure import machine
-from edgefleet_core.bench.pipeline import Target, write_results
+from edgefleet_core.bench.pipeline import Target, noisy_machine_note, write_results
 from edgefleet_core.bundle.distribution import BundleRef, build_bundles, publish_bundles
 from edgefleet_core.errors import EdgeFleetError
 from edgefleet_core.signing.keys import KeySet
@@ -743,11 +743,7 @@ def markdown(document: dict[str, Any]) -> str:
         f"Measured on {m['cpu']} ({m['cores']} cores), grpcio {m['grpcio']}, {setup['agents']} simulated agents in "
         f"{setup['generators']} load-generator process(es); {placement['note']}"
         f"{' — quick run' if document['quick'] else ''}.",
-        *(
-            [f"**Noisy machine:** 1-minute load average {load:.1f} when the run started; the figures are low bounds."]
-            if (load := setup["load_average_1min_at_start"]) > 0.5
-            else []
-        ),
+        *noisy_machine_note(setup["load_average_1min_at_start"]),
         "",
         "| figure | value | target | met |",
         "|---|---|---|---|",

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from edgefleet_core.cli.bench_cmd import report
+
 
 def command(
     out: Annotated[Path, typer.Option("--json", help="Results JSON.")] = Path("bench/results/gateway.json"),
@@ -36,14 +38,11 @@ def command(
     if health_rate is not None:
         # Below saturation the p99 is service time; above it, queueing (the default offers 2,100/s).
         config = dataclasses.replace(config, health_rate=health_rate)
-    try:
-        document = bench.benchmark(config, out, markdown, progress=typer.echo)
-    except bench.GatewayBenchError as e:
-        typer.echo(f"edgefleet bench gateway: {e}", err=True)
-        raise typer.Exit(code=2) from e
-    typer.echo(bench.markdown(document))
-    typer.echo(f"results written to {out}")
-    missed = bench.missed(document)
-    if missed:
-        typer.echo(f"targets missed: {', '.join(missed)}", err=True)
-        raise typer.Exit(code=1)
+    report(
+        "gateway",
+        lambda: bench.benchmark(config, out, markdown, progress=typer.echo),
+        error=bench.GatewayBenchError,
+        table=bench.markdown,
+        out=out,
+        missed=bench.missed,
+    )

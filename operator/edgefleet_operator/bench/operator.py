@@ -47,7 +47,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet_core.bench.measure import machine
-from edgefleet_core.bench.pipeline import write_results
+from edgefleet_core.bench.pipeline import noisy_machine_note, write_results
 from edgefleet_core.bundle.publisher import Publisher
 from edgefleet_core.errors import EdgeFleetError
 from edgefleet_core.resources.base import API_GROUP, API_VERSION
@@ -543,11 +543,7 @@ def markdown(document: Mapping[str, Any]) -> str:
         f"Measured on {m['cpu']} ({m['cores']} cores), Python {m['python']}, kopf {m['kopf']}; "
         f"{setup['models']} EdgeModels x {setup['device_classes']} DeviceClasses, {setup['workers']} workers"
         f"{' — quick run' if document['quick'] else ''}.",
-        *(
-            [f"**Noisy machine:** 1-minute load average {load:.1f} when the run started; the figures are low bounds."]
-            if (load := m["load_average_1min_at_start"]) > 0.5
-            else []
-        ),
+        *noisy_machine_note(m["load_average_1min_at_start"]),
         "",
         "| figure | value |",
         "|---|---|",

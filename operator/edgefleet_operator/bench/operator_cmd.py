@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from edgefleet_core.cli.bench_cmd import report
+
 
 def command(
     out: Annotated[Path, typer.Option("--json", help="Results JSON.")] = Path("bench/results/operator.json"),
@@ -26,10 +28,10 @@ def command(
     from edgefleet_operator.bench import operator as bench
 
     config = (bench.OperatorBenchConfig.quick_run if quick else bench.OperatorBenchConfig.full)(models, workers)
-    try:
-        document = bench.benchmark(config, out, markdown, progress=typer.echo)
-    except bench.OperatorBenchError as e:
-        typer.echo(f"edgefleet bench operator: {e}", err=True)
-        raise typer.Exit(code=2) from e
-    typer.echo(bench.markdown(document))
-    typer.echo(f"results written to {out}")
+    report(
+        "operator",
+        lambda: bench.benchmark(config, out, markdown, progress=typer.echo),
+        error=bench.OperatorBenchError,
+        table=bench.markdown,
+        out=out,
+    )
