@@ -76,3 +76,18 @@ def wide_mlp(seed: int = 0, width: int = 1024, inputs: int = 64) -> onnx.ModelPr
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def tiny_matmul_bytes(seed: int = 0) -> bytes:
+    """A one-MatMul model ([1, 8] → [1, 4]) as bytes: a distinct, valid ``model.onnx`` per seed for bundles."""
+    weights = np.random.default_rng(seed).standard_normal((8, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()

@@ -5,32 +5,17 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet_core.bundle.distribution import BundleRef, build_bundles, publish_bundles
 from edgefleet_core.errors import BundleVerificationError, VerificationError
 from edgefleet_core.signing import KeySet, TufRepository
 from edgefleet_core.store.local import LocalStore
 from edgefleet_operator.fleet import BundleNotPublished, FleetInputError, resolve_bundle
+from tests.support.tiny_models import tiny_matmul_bytes
 
 VARIANT = "cd" * 32
-
-
-def _model(seed: int) -> bytes:
-    weights = np.random.default_rng(seed).standard_normal((8, 4)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 def _publish(repo: TufRepository, files: dict[str, bytes], version: str, device_class: str = "cpu-small") -> None:
@@ -48,7 +33,7 @@ def store(tmp_path: Path) -> LocalStore:
 def repo(store: LocalStore) -> TufRepository:
     repository = TufRepository(store, KeySet.generate())
     repository.initialize()
-    _publish(repository, {"model.onnx": _model(0)}, "1.0.0")
+    _publish(repository, {"model.onnx": tiny_matmul_bytes(0)}, "1.0.0")
     return repository
 
 
@@ -65,7 +50,7 @@ def test_resolves_the_manifest_then_payloads_with_digest_and_length(store: Local
 
 
 def test_a_split_bundle_lists_payloads_in_manifest_order(store: LocalStore, repo: TufRepository) -> None:
-    _publish(repo, {"tail.onnx": _model(2), "head.onnx": _model(1)}, "2.0.0")
+    _publish(repo, {"tail.onnx": tiny_matmul_bytes(2), "head.onnx": tiny_matmul_bytes(1)}, "2.0.0")
     resolved = resolve_bundle(store, device_class="cpu-small", namespace="factory", model="digits", version="2.0.0")
     prefix = "cpu-small/factory/digits/2.0.0"
     assert resolved.target_paths == [f"{prefix}/manifest.json", f"{prefix}/head.onnx.eft", f"{prefix}/tail.onnx.eft"]
@@ -73,7 +58,7 @@ def test_a_split_bundle_lists_payloads_in_manifest_order(store: LocalStore, repo
 
 def test_follows_root_rotations_from_the_first_root(store: LocalStore, repo: TufRepository) -> None:
     repo.rotate_root(KeySet.generate())
-    _publish(repo, {"model.onnx": _model(3)}, "1.1.0")
+    _publish(repo, {"model.onnx": tiny_matmul_bytes(3)}, "1.1.0")
     resolved = resolve_bundle(store, device_class="cpu-small", namespace="factory", model="digits", version="1.1.0")
     assert resolved.target_paths[0] == "cpu-small/factory/digits/1.1.0/manifest.json"
 
@@ -127,7 +112,7 @@ def test_a_manifest_published_under_another_bundles_path_is_refused(store: Local
 def test_a_manifest_naming_an_unpublished_payload(store: LocalStore, repo: TufRepository) -> None:
     ref = BundleRef(namespace="factory", name="digits", device_class="cpu-small")
     (built,) = build_bundles(
-        {"model.onnx": _model(4)}, ref, "4.0.0", variant_id=VARIANT, lineage={}, recipe=[], metrics={}
+        {"model.onnx": tiny_matmul_bytes(4)}, ref, "4.0.0", variant_id=VARIANT, lineage={}, recipe=[], metrics={}
     )
     repo.publish({f"{built.prefix}/manifest.json": built.manifest.canonical_json()})  # payload left out
     with pytest.raises(BundleNotPublished, match=r"model\.onnx\.eft"):
@@ -135,4 +120,4 @@ def test_a_manifest_naming_an_unpublished_payload(store: LocalStore, repo: TufRe
 
 
 def test_check_model_is_valid() -> None:
-    onnx.checker.check_model(onnx.load_from_string(_model(0)))
+    onnx.checker.check_model(onnx.load_from_string(tiny_matmul_bytes(0)))

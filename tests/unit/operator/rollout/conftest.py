@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet_core.bundle.distribution import BundleRef, build_bundles, publish_bundles
 from edgefleet_core.resources.edge_model import HealthGates, RolloutPolicy, RolloutWave
@@ -33,6 +31,7 @@ from edgefleet_operator.fleet import (
     totals_key,
 )
 from edgefleet_operator.rollout import PublishedBundles, RolloutController, RolloutTarget
+from tests.support.tiny_models import tiny_matmul_bytes
 
 NAMESPACE = "factory"
 MODEL = "digits"
@@ -65,20 +64,6 @@ def policy(*, auto_rollback: bool = True) -> RolloutPolicy:
 
 def target(version: str, *, device_class: str = CPU, paused: bool = False, auto_rollback: bool = True) -> RolloutTarget:
     return RolloutTarget(NAMESPACE, MODEL, device_class, version, policy(auto_rollback=auto_rollback), paused)
-
-
-def _onnx_model(seed: int) -> bytes:
-    weights = np.random.default_rng(seed).standard_normal((8, 4)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 @dataclass
@@ -262,7 +247,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for seed, version in enumerate(VERSIONS)
         for device_class in (CPU, GPU)
         for bundle in build_bundles(
-            {"model.onnx": _onnx_model(seed)},
+            {"model.onnx": tiny_matmul_bytes(seed)},
             BundleRef(namespace=NAMESPACE, name=MODEL, device_class=device_class),
             version,
             variant_id=f"{seed:x}" * 64,
