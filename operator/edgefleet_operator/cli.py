@@ -88,6 +88,31 @@ def pki_init(
     typer.echo(f"created the fleet CA and a server certificate for {', '.join(hosts)} in {directory}")
 
 
+@pki_app.command("secret")
+def pki_secret(
+    directory: Annotated[Path, typer.Argument(help="Folder made by `gateway pki init`.")],
+    name: Annotated[str, typer.Option(help="Secret name.")] = "edgefleet-gateway-pki",
+    namespace: Annotated[str, typer.Option(help="Secret namespace.")] = "edgefleet-system",
+) -> None:
+    """Print the PKI folder as a Kubernetes Secret manifest for the gateway (the Helm chart mounts it)."""
+    import base64
+
+    import yaml
+
+    from edgefleet_operator.gateway.pki import pki_secret_files
+
+    with _errors():
+        files = pki_secret_files(directory)
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "edgefleet"}},
+        "type": "Opaque",
+        "data": {file: base64.b64encode(data).decode("ascii") for file, data in files.items()},
+    }
+    typer.echo(yaml.safe_dump(manifest, sort_keys=False), nl=False)
+
+
 # ---------------------------------------------------------------------------------------- token
 
 

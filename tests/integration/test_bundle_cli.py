@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -166,6 +167,31 @@ def test_keys_go_into_a_kubernetes_secret(tmp_path: Path) -> None:
     assert restored.to_files() == KeySet.load(keys).to_files(online_only=True)
     code, output = cli("keys", "init", str(keys))
     assert code == 1  # never silently replace signing keys
+
+
+def test_keys_root_creates_the_repository_once_and_then_only_reads_it(tmp_path: Path) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    keys = tmp_path / "keys"
+    assert cli("keys", "init", str(keys))[0] == 0
+    secret = yaml.safe_load(cli("keys", "secret", str(keys))[1])
+    online = tmp_path / "online"  # what the operator mounts: no root private key
+    online.mkdir()
+    from edgefleet_core.signing.keys import KeySet
+
+    KeySet.from_secret_data(secret["data"]).save(online)
+    code, output = cli("keys", "root", "--store", store, "--keys", str(online), "--out", str(tmp_path / "r0.json"))
+    assert code == 1
+    assert "only the online keys" in output
+    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "r0.json").exists()
+    code, output = cli("keys", "root", "--store", store, "--keys", str(keys), "--out", str(tmp_path / "r1.json"))
+    assert code == 0, output
+    assert "created the repository" in output
+    code, output = cli("keys", "root", "--store", store, "--keys", str(online), "--out", str(tmp_path / "r2.json"))
+    assert code == 0, output
+    assert "created" not in output
+    assert (tmp_path / "r1.json").read_bytes() == (tmp_path / "r2.json").read_bytes()
+    assert json.loads((tmp_path / "r1.json").read_bytes())["signed"]["_type"] == "root"
 
 
 def test_root_rotation_through_the_cli(optimized: Path, tmp_path: Path) -> None:

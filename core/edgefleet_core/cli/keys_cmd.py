@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 import yaml
 
+from edgefleet_core.cli.bundle_cmd import AccessKey, Endpoint, Region, SecretKey, Store
 from edgefleet_core.errors import EdgeFleetError, SigningError
 
 app = typer.Typer(help="Create signing keys, and put them in a Kubernetes Secret for the operator.")
@@ -70,6 +71,47 @@ def secret(
         "data": data,
     }
     typer.echo(yaml.safe_dump(manifest, sort_keys=False), nl=False)
+
+
+@app.command()
+def root(
+    store: Store,
+    keys: Annotated[Path, typer.Option("--keys", help="Key folder; the root private keys are needed only to create.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the trusted root (root.json).")],
+    endpoint: Endpoint = None,
+    access_key: AccessKey = None,
+    secret_key: SecretKey = None,
+    region: Region = None,
+) -> None:
+    """Write the repository's trusted root for devices, creating the repository first if the store has none.
+
+    Run it once before the operator starts: the operator holds only the online keys and cannot
+    sign a root. Every device (agent --tuf-root) and the Helm chart's trust ConfigMap get this file.
+    """
+    from edgefleet_core.atomic import write_file_atomic
+    from edgefleet_core.bundle.publisher import Publisher
+    from edgefleet_core.signing.keys import KeySet
+    from edgefleet_core.store.url import open_store
+
+    try:
+        key_set = KeySet.load(keys)
+        artifacts = open_store(store, endpoint=endpoint, access_key=access_key, secret_key=secret_key, region=region)
+        publisher = Publisher(artifacts, key_set)
+        created = not publisher.is_initialized()
+        if created and key_set.online_only:
+            raise SigningError(
+                f"{store} has no TUF repository yet and {keys} holds only the online keys: "
+                "creating one signs a root, so give the folder made by `edgefleet keys init`"
+            )
+        trusted = publisher.ensure_initialized()
+        write_file_atomic(out, trusted)
+    except EdgeFleetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    except OSError as exc:
+        typer.echo(f"error: cannot write {out}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"{'created the repository; ' if created else ''}wrote the trusted root to {out}")
 
 
 @app.command()

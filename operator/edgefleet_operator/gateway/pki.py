@@ -427,3 +427,22 @@ def load_pki(directory: Path) -> PkiFiles:
     except (ValueError, TypeError, InvalidSignature) as e:
         raise PkiError(f"{directory / SERVER_CERT} was not issued by {directory / CA_CERT}: {e}") from e
     return PkiFiles(ca_pem=ca_pem, server_cert_pem=server_cert_pem, server_key_pem=server_key_pem)
+
+
+def pki_secret_files(directory: Path) -> dict[str, bytes]:
+    """The four PKI files of ``directory`` for a Kubernetes Secret, checked to belong together first.
+
+    The gateway signs device certificates with the CA key, so a Secret with a CA key that is not
+    the CA certificate's, or a server certificate from another CA, would fail only at enrollment.
+    """
+    files = load_pki(directory)
+    ca_key_pem = _read_pem(directory / CA_KEY)
+    ca_key = _load_key(ca_key_pem, str(directory / CA_KEY))
+    if not _same_public_key(_load_cert(files.ca_pem, str(directory / CA_CERT)), ca_key):
+        raise PkiError(f"{directory / CA_KEY} is not the key of {directory / CA_CERT}")
+    return {
+        CA_CERT: files.ca_pem,
+        CA_KEY: ca_key_pem,
+        SERVER_CERT: files.server_cert_pem,
+        SERVER_KEY: files.server_key_pem,
+    }

@@ -47,3 +47,33 @@ def test_assign_refuses_revoked_and_unknown_devices_and_removes_without_a_bundle
     assert result.exit_code == 0, result.stderr
     record = fleet.assignments_for("demo", "cam-1").assignments["demo/digits"]
     assert (record.action, record.revision, record.target_paths) == ("remove", int(result.stdout), [])
+
+
+def test_pki_secret_prints_a_secret_the_gateway_can_mount(tmp_path: Path) -> None:
+    import base64
+
+    import yaml
+
+    from edgefleet_operator.gateway.pki import load_pki
+
+    assert (
+        runner.invoke(build_app(), ["gateway", "pki", "init", str(tmp_path / "pki"), "--host", "gw.example"]).exit_code
+        == 0
+    )
+    result = runner.invoke(build_app(), ["gateway", "pki", "secret", str(tmp_path / "pki"), "--namespace", "fleet"])
+    assert result.exit_code == 0, result.output
+    secret = yaml.safe_load(result.stdout)
+    assert (secret["kind"], secret["metadata"]["name"], secret["metadata"]["namespace"]) == (
+        "Secret",
+        "edgefleet-gateway-pki",
+        "fleet",
+    )
+    mounted = tmp_path / "mounted"  # what the kubelet writes from the Secret
+    mounted.mkdir()
+    for name, data in secret["data"].items():
+        (mounted / name).write_bytes(base64.b64decode(data))
+    assert sorted(secret["data"]) == ["ca-key.pem", "ca.pem", "server-key.pem", "server.pem"]
+    assert load_pki(mounted).server_cert_pem == (tmp_path / "pki" / "server.pem").read_bytes()
+    result = runner.invoke(build_app(), ["gateway", "pki", "secret", str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert "missing" in result.output

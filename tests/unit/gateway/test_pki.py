@@ -30,6 +30,7 @@ from edgefleet_operator.gateway.pki import (
     identity_from_certificate,
     init_pki,
     load_pki,
+    pki_secret_files,
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -330,3 +331,14 @@ async def test_the_mtls_listener_refuses_strangers(gateway: Gateway) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await _call(target, _device_credentials(gateway.ca, stranger_ca.certificate_pem))
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_secret_carries_the_four_files_and_refuses_a_foreign_ca_key(tmp_path: Path) -> None:
+    pki, other = tmp_path / "pki", tmp_path / "other"
+    init_pki(pki, ["gateway.example.com"])
+    init_pki(other, ["gateway.example.com"])
+    files = pki_secret_files(pki)
+    assert files == {name: (pki / name).read_bytes() for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)}
+    (pki / CA_KEY).write_bytes((other / CA_KEY).read_bytes())  # a CA key that cannot sign for ca.pem
+    with pytest.raises(PkiError, match=r"ca-key\.pem is not the key of"):
+        pki_secret_files(pki)
