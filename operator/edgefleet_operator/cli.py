@@ -88,6 +88,23 @@ def pki_init(
     typer.echo(f"created the fleet CA and a server certificate for {', '.join(hosts)} in {directory}")
 
 
+@pki_app.command("renew-server")
+def pki_renew_server(
+    directory: Annotated[Path, typer.Argument(help="Folder made by `gateway pki init` (the CA stays).")],
+    host: Annotated[
+        list[str] | None, typer.Option("--host", help="DNS name or IP the gateway is reached at (repeatable).")
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, max=825, help="Days the new certificate is valid.")] = 365,
+) -> None:
+    """Issue the gateway a new server certificate from the fleet CA (before the old one expires, or for new hosts)."""
+    from edgefleet_operator.gateway.pki import renew_server_certificate
+
+    hosts = host or ["localhost", "127.0.0.1"]
+    with _errors():
+        renew_server_certificate(directory, hosts, validity=timedelta(days=days))
+    typer.echo(f"renewed the server certificate for {', '.join(hosts)} in {directory} ({days} days)")
+
+
 @pki_app.command("secret")
 def pki_secret(
     directory: Annotated[Path, typer.Argument(help="Folder made by `gateway pki init`.")],

@@ -412,6 +412,21 @@ def init_pki(directory: Path, hosts: Sequence[str]) -> None:
     ca.save(directory)
 
 
+def renew_server_certificate(
+    directory: Path, hosts: Sequence[str], *, validity: timedelta = timedelta(days=365)
+) -> None:
+    """Issue the gateway a new server certificate and key from the CA in ``directory``.
+
+    The CA stays: devices keep trusting it, so renewing (or adding a host name) needs no change on
+    any device. The key is written before the certificate, and each atomically, so a run cut short
+    leaves the old pair or a key the next run replaces: ``load_pki`` refuses a mismatched pair.
+    """
+    ca = FleetCA.load(directory)
+    cert_pem, key_pem = ca.issue_server_certificate(hosts, validity=validity)
+    write_file_atomic(directory / SERVER_KEY, key_pem, mode=PRIVATE)
+    write_file_atomic(directory / SERVER_CERT, cert_pem, mode=PUBLIC)
+
+
 def load_pki(directory: Path) -> PkiFiles:
     """The gateway's TLS material from ``directory``, checked to belong together."""
     ca_pem = _read_pem(directory / CA_CERT)

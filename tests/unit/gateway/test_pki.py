@@ -31,6 +31,7 @@ from edgefleet_operator.gateway.pki import (
     init_pki,
     load_pki,
     pki_secret_files,
+    renew_server_certificate,
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -342,3 +343,20 @@ def test_the_secret_carries_the_four_files_and_refuses_a_foreign_ca_key(tmp_path
     (pki / CA_KEY).write_bytes((other / CA_KEY).read_bytes())  # a CA key that cannot sign for ca.pem
     with pytest.raises(PkiError, match=r"ca-key\.pem is not the key of"):
         pki_secret_files(pki)
+
+
+def test_renewing_the_server_certificate_keeps_the_ca_and_adds_hosts(tmp_path: Path) -> None:
+    init_pki(tmp_path, ["gateway.example.com"])
+    ca_before = (tmp_path / CA_CERT).read_bytes(), (tmp_path / CA_KEY).read_bytes()
+    old_cert = (tmp_path / SERVER_CERT).read_bytes()
+    renew_server_certificate(tmp_path, ["gateway.example.com", "fleet.example.com"], validity=timedelta(days=90))
+    assert ((tmp_path / CA_CERT).read_bytes(), (tmp_path / CA_KEY).read_bytes()) == ca_before
+    files = load_pki(tmp_path)  # the new pair belongs together and chains to the same CA
+    assert files.server_cert_pem != old_cert
+    cert = x509.load_pem_x509_certificate(files.server_cert_pem)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == ["gateway.example.com", "fleet.example.com"]
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc <= timedelta(days=90, minutes=10)
+    (tmp_path / CA_KEY).unlink()
+    with pytest.raises(PkiError, match="ca-key"):
+        renew_server_certificate(tmp_path, ["gateway.example.com"])
