@@ -2,10 +2,8 @@
 
 The operator is the real command in a process of its own; it creates one batch/v1 Job per
 (EdgeModel, DeviceClass). The test API server stores Jobs but runs no pods, so a "kubelet" thread
-here does what the cluster would: it watches for Jobs, runs each one's container command as a real
-process with the Job's environment (``edgefleet pipeline-job`` through ``python -m``, so it does not
-depend on the entry point being installed) and writes the outcome into the Job's status (one pod,
-no retries). Everything waits by polling; nothing sleeps a fixed time.
+(tests/support/kubelet.py) runs each Job's container command as a real process. Everything waits
+by polling; nothing sleeps a fixed time.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +23,11 @@ from edgefleet_core.bundle.publisher import Publisher
 from edgefleet_core.optimize.model_io import serialize
 from edgefleet_core.signing import KeySet
 from edgefleet_core.store.local import LocalStore
-from edgefleet_operator.jobs.manifest import CONTAINER, EXIT_REFUSED, MODEL_LABEL
+from edgefleet_operator.jobs.manifest import EXIT_REFUSED, MODEL_LABEL
 from edgefleet_operator.operator_cli import READY_LINE
 from tests.support.fleet import wait_for
 from tests.support.kube_api import KubeApiServer, kube_api_server
+from tests.support.kubelet import Kubelet
 from tests.support.tiny_models import tiny_cnn
 
 pytestmark = pytest.mark.integration
@@ -38,68 +36,7 @@ __all__ = ["kube_api_server"]  # the fixture, used by name below
 
 NAMESPACE = "vision"
 GRAPH_ONLY: dict[str, Any] = {"passes": [{"type": "GraphOptimization"}]}
-PIPELINE_JOB = [sys.executable, "-m", "edgefleet_operator.jobs.pipeline_job"]
 JsonObject = dict[str, Any]
-
-
-class Kubelet:
-    """Runs every Job it sees once, as a process, and reports the pod's end in the Job's status."""
-
-    def __init__(self, server: KubeApiServer, logs: Path) -> None:
-        self.server = server
-        self.logs = logs
-        self.exits: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kubelet")
-        self.failures: list[BaseException] = []
-
-    def __enter__(self) -> Kubelet:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(120)
-        assert not self._thread.is_alive(), "the kubelet did not stop"
-        assert not self.failures, self.failures
-
-    def _pending(self) -> list[JsonObject] | None:
-        if self._stop.is_set():
-            return None
-        return [j for j in self.server.list("jobs", NAMESPACE) if j["metadata"]["name"] not in self.exits] or None
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                with contextlib.suppress(TimeoutError):  # nothing new: look again (the stop flag too)
-                    pending = self.server.wait_until(lambda: self._pending() or self._stop.is_set(), timeout=1.0)
-                    for job in pending if isinstance(pending, list) else []:
-                        self._start(job)
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the test's thread on exit)
-            self.failures.append(exc)
-
-    def _start(self, job: JsonObject) -> None:
-        name = job["metadata"]["name"]
-        (container,) = job["spec"]["template"]["spec"]["containers"]
-        assert container["name"] == CONTAINER
-        assert container["command"][:2] == ["edgefleet", "pipeline-job"]
-        env = {**os.environ, **{e["name"]: e["value"] for e in container.get("env", [])}}
-        self._status(name, {"active": 1})
-        with (self.logs / f"{name}.log").open("wb") as log:
-            code = subprocess.run(
-                [*PIPELINE_JOB, *container["command"][2:]], env=env, stdout=log, stderr=subprocess.STDOUT,
-                timeout=90, check=False,
-            ).returncode  # fmt: skip
-        self.exits[name] = code
-        if code == 0:
-            self._status(name, {"active": 0, "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
-        else:
-            reason = "PodFailurePolicy" if code == EXIT_REFUSED else "BackoffLimitExceeded"
-            failed = {"type": "Failed", "status": "True", "reason": reason, "message": f"exit code {code}"}
-            self._status(name, {"active": 0, "failed": 1, "conditions": [failed]})
-
-    def _status(self, name: str, status: JsonObject) -> None:
-        self.server.patch("jobs", name, {"status": status}, namespace=NAMESPACE, subresource="status")
 
 
 def condition(obj: JsonObject, kind: str) -> JsonObject:
@@ -173,7 +110,7 @@ def test_builds_run_as_jobs_publish_stall_and_go_with_their_model(
     logs = tmp_path / "logs"
     logs.mkdir()
 
-    with operator(server, store, keys, logs / "operator.log"), Kubelet(server, logs) as kubelet:
+    with operator(server, store, keys, logs / "operator.log"), Kubelet(server, logs, NAMESPACE) as kubelet:
         for name in ("cpu-a", "cpu-b"):
             server.create(device_class(name))
         server.create(edge_model("digits", uri, digest, ["cpu-a", "cpu-b"]))
