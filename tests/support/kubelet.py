@@ -12,10 +12,12 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from edgefleet_operator.jobs.manifest import CONTAINER, EXIT_REFUSED
+from edgefleet_operator.devtools.kube_api import ApiError
+from edgefleet_operator.jobs.manifest import CONTAINER, EXIT_REFUSED, MODEL_LABEL
 from tests.support.kube_api import KubeApiServer
 
 PIPELINE_JOB = [sys.executable, "-m", "edgefleet_operator.jobs.pipeline_job"]
@@ -25,11 +27,17 @@ JsonObject = dict[str, Any]
 class Kubelet:
     """Runs every Job it sees once, as a process, and reports the pod's end in the Job's status."""
 
-    def __init__(self, server: KubeApiServer, logs: Path, namespace: str) -> None:
+    def __init__(
+        self, server: KubeApiServer, logs: Path, namespace: str, *, never_start_once: Collection[str] = ()
+    ) -> None:
+        """``never_start_once``: models whose first Job's pod never starts (an image that does not pull)."""
         self.server = server
         self.logs = logs
         self.namespace = namespace
         self.exits: dict[str, int] = {}
+        """Job name → exit code of its latest pod (-1: the pod never started)."""
+        self._seen: set[str] = set()  # Job uids: a Job deleted and made again under its name runs again
+        self._never_start_once = set(never_start_once)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kubelet")
         self.failures: list[BaseException] = []
@@ -47,7 +55,7 @@ class Kubelet:
     def _pending(self) -> list[JsonObject] | None:
         if self._stop.is_set():
             return None
-        return [j for j in self.server.list("jobs", self.namespace) if j["metadata"]["name"] not in self.exits] or None
+        return [j for j in self.server.list("jobs", self.namespace) if j["metadata"]["uid"] not in self._seen] or None
 
     def _run(self) -> None:
         try:
@@ -61,10 +69,24 @@ class Kubelet:
 
     def _start(self, job: JsonObject) -> None:
         name = job["metadata"]["name"]
+        self._seen.add(job["metadata"]["uid"])
+        model = job["metadata"].get("labels", {}).get(MODEL_LABEL)
+        if model in self._never_start_once:
+            self._never_start_once.discard(model)
+            self.exits[name] = -1
+            failed = {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "ImagePullBackOff"}
+            self._status(name, {"active": 0, "failed": 1, "conditions": [failed]})
+            return
         (container,) = job["spec"]["template"]["spec"]["containers"]
         assert container["name"] == CONTAINER
         assert container["command"][:2] == ["edgefleet", "pipeline-job"]
         env = {**os.environ, **{e["name"]: e["value"] for e in container.get("env", [])}}
+        # Each emptyDir the pod mounts is a fresh folder of its own, as the kubelet makes them.
+        for mount in container.get("volumeMounts", []):
+            scratch = self.logs / f"{name}-{mount['name']}"
+            scratch.mkdir(exist_ok=True)
+            env = {k: str(scratch) + v[len(mount["mountPath"]) :] if v.startswith(f"{mount['mountPath']}/") else v
+                   for k, v in env.items()}  # fmt: skip
         self._status(name, {"active": 1})
         with (self.logs / f"{name}.log").open("wb") as log:
             code = subprocess.run(
@@ -80,4 +102,8 @@ class Kubelet:
             self._status(name, {"active": 0, "failed": 1, "conditions": [failed]})
 
     def _status(self, name: str, status: JsonObject) -> None:
-        self.server.patch("jobs", name, {"status": status}, namespace=self.namespace, subresource="status")
+        try:
+            self.server.patch("jobs", name, {"status": status}, namespace=self.namespace, subresource="status")
+        except ApiError as exc:
+            if exc.code != 404:  # deleted while it ran (its model went): a real kubelet's pod just dies
+                raise

@@ -44,6 +44,22 @@ _MAX_NAME: Final = 63
 _NOT_NAME: Final = re.compile(r"[^a-z0-9-]+")
 
 
+POD_SECURITY: Final[dict[str, Any]] = {
+    "runAsNonRoot": True,
+    "runAsUser": 65532,  # the image's user (operator/Dockerfile)
+    "runAsGroup": 65532,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+"""The Pod Security Standard ``restricted``: a namespace that enforces it admits the Job's pods."""
+CONTAINER_SECURITY: Final[dict[str, Any]] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+SCRATCH_MOUNT: Final = "/tmp"  # noqa: S108  (an emptyDir of the pod's own, not a shared /tmp)
+SCRATCH_SIZE: Final = "2Gi"
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """How pipeline Jobs are made; built once from the command line."""
@@ -188,14 +204,22 @@ def pipeline_job(
         "env": [
             {"name": MODEL_ENV, "value": json.dumps(model_document(model), sort_keys=True)},
             {"name": CLASS_ENV, "value": json.dumps(class_document(device_class), sort_keys=True)},
+            # The root filesystem is read-only: matplotlib (the report's plots) writes its cache here.
+            {"name": "MPLCONFIGDIR", "value": f"{SCRATCH_MOUNT}/matplotlib"},
+            {"name": "EDGEFLEET_CACHE", "value": f"{SCRATCH_MOUNT}/edgefleet-cache"},
         ],
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH_MOUNT}],
     }
     if settings.s3_secret is not None:
         container["envFrom"] = [{"secretRef": {"name": settings.s3_secret}}]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,  # the Job talks to the store, never to the API server
+        "securityContext": POD_SECURITY,
         "containers": [container],
+        # ONNX Runtime's quantizer and the pipeline's temporary models go to /tmp.
+        "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": SCRATCH_SIZE}}],
     }
     if settings.service_account is not None:
         pod_spec["serviceAccountName"] = settings.service_account

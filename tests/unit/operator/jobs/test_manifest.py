@@ -22,6 +22,7 @@ from edgefleet_operator.jobs.manifest import (
     label_value,
     pipeline_job,
 )
+from tests.support.pod_security import restricted_violations
 from tests.unit.operator.reconcile.conftest import StagedFile, device_class, edge_model
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -90,7 +91,7 @@ def test_the_job_runs_pipeline_job_owned_by_the_model(model: EdgeModel) -> None:
         "--endpoint", "http://minio:9000",
     ]  # fmt: skip
     assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
-    env = {e["name"]: json.loads(e["value"]) for e in container["env"]}
+    env = {e["name"]: json.loads(e["value"]) for e in container["env"] if e["name"] in (MODEL_ENV, CLASS_ENV)}
     assert env[MODEL_ENV]["spec"] == model.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     assert "status" not in env[MODEL_ENV]
     assert env[CLASS_ENV]["metadata"]["name"] == "cpu-small"
@@ -112,3 +113,20 @@ def test_jobs_in_another_namespace_have_no_owner(model: EdgeModel) -> None:
 def test_bad_job_settings_are_refused(options: dict[str, object]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011  (the message is checked by the CLI tests)
         JobSettings(**options)  # type: ignore[arg-type]
+
+
+def test_the_job_is_admitted_where_restricted_pod_security_is_enforced(model: EdgeModel) -> None:
+    import kubernetes_validate
+
+    settings, store = JobSettings(image="registry/edgefleet:1"), StoreAccess("s3://b")
+    job = pipeline_job(settings, store, model, device_class("cpu-small"), build_key=KEY, version="1")
+    pod = job["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    (container,) = pod["containers"]
+    writable = {m["mountPath"] for m in container["volumeMounts"]}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # With a read-only root, everything the pipeline writes must land on the pod's scratch volume.
+    assert all(
+        any(env[name].startswith(f"{path}/") for path in writable) for name in ("MPLCONFIGDIR", "EDGEFLEET_CACHE")
+    )
+    kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
