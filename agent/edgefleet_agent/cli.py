@@ -70,6 +70,13 @@ def run(
         float | None,
         typer.Option("--heartbeat-interval", min=0.05, help="Seconds between health reports (default: the gateway's)."),
     ] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            help="HOST:PORT to serve Prometheus metrics on (/metrics), e.g. 0.0.0.0:9092; off by default.",
+        ),
+    ] = None,
 ) -> None:
     """Enroll once (the token is needed only the first time), then run until SIGTERM or SIGINT.
 
@@ -80,7 +87,13 @@ def run(
     from edgefleet_agent.daemon import Agent, AgentSettings
     from edgefleet_agent.errors import AgentError
     from edgefleet_agent.identity import read_token
+    from edgefleet_agent.metrics import parse_listen
 
+    if metrics_listen is not None:
+        try:
+            parse_listen(metrics_listen)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--metrics-listen") from e
     try:
         secret = read_token(token, token_file)
     except ValueError as e:
@@ -100,17 +113,22 @@ def run(
         inference_listen=inference_listen,
         providers=chosen,
         heartbeat_interval=heartbeat_interval,
+        metrics_listen=metrics_listen,
     )
     # A daemon's install outcomes belong in its log even without -v.
     agent_log = logging.getLogger("edgefleet_agent")
     if agent_log.getEffectiveLevel() > logging.INFO:
         agent_log.setLevel(logging.INFO)
 
+    agent = Agent(settings)
+
     def ready(device_id: str, address: str) -> None:
         typer.echo(f"agent ready device={device_id} inference={address}")
+        if agent.metrics_address is not None:
+            typer.echo(f"metrics on http://{agent.metrics_address}/metrics", err=True)
 
     try:
-        asyncio.run(Agent(settings).run(ready, handle_signals=True))
+        asyncio.run(agent.run(ready, handle_signals=True))
     except AgentError as e:
         typer.echo(f"edgefleet agent: {e}", err=True)
         raise typer.Exit(1) from e

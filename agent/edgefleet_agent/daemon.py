@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc import aio
@@ -54,6 +55,7 @@ from edgefleet_agent.identity import (
     renewed_identity,
 )
 from edgefleet_agent.inference_server import start_inference_server
+from edgefleet_agent.metrics import AgentMetrics, parse_listen
 from edgefleet_agent.reports import ReportQueue, assignment_spec, install_report, model_health
 from edgefleet_agent.runtime import ModelRuntime, ModelWindowStats
 from edgefleet_agent.system import DeviceStats, SystemSampler
@@ -138,6 +140,8 @@ class AgentSettings:
     """Overrides the gateway's heartbeat hint (seconds); for tests and special devices."""
     stop_grace: float = STOP_GRACE_S
     """How long a graceful stop waits for an install in progress and for inference requests."""
+    metrics_listen: str | None = None
+    """HOST:PORT to serve Prometheus metrics on (``/metrics``; port 0 picks one); ``None``: none."""
 
 
 class UpdaterPort(Protocol):
@@ -168,14 +172,14 @@ class Components:
     """Starts the local inference server; returns it and its bound port."""
 
 
-ComponentsFactory = Callable[[AgentSettings, DeviceIdentity, Callable[[], TufClient]], Components]
+ComponentsFactory = Callable[[AgentSettings, DeviceIdentity, Callable[[], TufClient], AgentMetrics], Components]
 
 
 def default_components(
-    settings: AgentSettings, identity: DeviceIdentity, tuf_client: Callable[[], TufClient]
+    settings: AgentSettings, identity: DeviceIdentity, tuf_client: Callable[[], TufClient], metrics: AgentMetrics
 ) -> Components:
-    """The real runtime, Updater and inference server."""
-    runtime = ModelRuntime(settings.providers)
+    """The real runtime, Updater and inference server, recording into ``metrics``."""
+    runtime = ModelRuntime(settings.providers, metrics=metrics)
     updater = Updater(settings.state_dir, identity.device_class, runtime, tuf_client)
 
     async def start() -> tuple[StoppableServer, int]:
@@ -263,8 +267,12 @@ class Agent:
         *,
         components: ComponentsFactory = default_components,
         backoff_rand: Callable[[], float] | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or AgentMetrics()
+        self.metrics_address: str | None = None
+        """``HOST:PORT`` the metrics are served on while running, when ``settings.metrics_listen`` is set."""
         self._components_factory = components
         self._backoff_rand = backoff_rand
         self._stopping = asyncio.Event()
@@ -312,7 +320,11 @@ class Agent:
                 loop.add_signal_handler(sig, self.stop)
         server: StoppableServer | None = None
         tasks: list[asyncio.Task[None]] = []
+        metrics_http: WSGIServer | None = None
         try:
+            if self.settings.metrics_listen is not None:
+                # Before enrolling: a device that cannot enroll is one to see on a dashboard.
+                metrics_http = self._serve_metrics()
             identity = await self._until_stopped(self._obtain_identity())
             if identity is None:
                 return
@@ -323,7 +335,9 @@ class Agent:
             if removed:
                 logger.info("removed %d stale partial downloads", len(removed))
             self._sync_channel = secure_channel(self.settings.gateway, identity.credentials)
-            parts = self._components_factory(self.settings, identity, self._tuf_factory(trusted_root, policy))
+            parts = self._components_factory(
+                self.settings, identity, self._tuf_factory(trusted_root, policy), self.metrics
+            )
             for result in await asyncio.to_thread(parts.updater.recover):
                 self._queue_report(result)
             server, self.inference_port = await parts.start_inference()
@@ -350,6 +364,10 @@ class Agent:
         finally:
             self._halt.set()
             await self._shutdown(tasks, server)
+            if metrics_http is not None:
+                metrics_http.shutdown()
+                metrics_http.server_close()
+                self.metrics_address = None
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
@@ -378,6 +396,21 @@ class Agent:
             stopped.cancel()
 
     # --- start-up ----------------------------------------------------------------------------------
+
+    def _serve_metrics(self) -> WSGIServer:
+        """The metrics over HTTP on ``settings.metrics_listen`` (a daemon thread); sets :attr:`metrics_address`."""
+        listen = self.settings.metrics_listen
+        assert listen is not None
+        try:
+            host, port = parse_listen(listen)
+            http, _, bound = self.metrics.serve(host, port)
+        except ValueError as e:
+            raise AgentConfigError(f"metrics_listen: {e}") from None
+        except OSError as e:
+            raise AgentConfigError(f"cannot serve metrics on {listen}: {e.strerror or e}") from None
+        self.metrics_address = f"{host}:{bound}"
+        logger.info("serving metrics on http://%s/metrics", self.metrics_address)
+        return http
 
     async def _until_stopped(self, work: Coroutine[Any, Any, _T]) -> _T | None:
         """``work``'s result, or ``None`` if a stop came first (``work`` is then cancelled)."""
@@ -496,6 +529,7 @@ class Agent:
                         self._offer(spec)
                 logger.info("the gateway ended the assignment stream; reconnecting")
             except aio.AioRpcError as e:
+                self.metrics.gateway_failure("watch")
                 code, details = rpc_status(e)
                 level = logging.ERROR if code in _REFUSED else logging.INFO
                 logger.log(level, "assignment stream: %s: %s; still serving, reconnecting", code.name, details)
@@ -540,6 +574,7 @@ class Agent:
                         "[%s] revision %d: the install raised unexpectedly", spec.model_key, spec.revision, exc_info=e
                     )
                     result = _internal_error(spec, e)
+                    self.metrics.update(result)  # the Updater records every outcome it returns itself
                 finally:
                     self._current = None
                     self._close_retired()
@@ -622,6 +657,7 @@ class Agent:
                 ack = await stub.ReportHealth(report, timeout=min(interval, CALL_TIMEOUT_S))
             except aio.AioRpcError as e:
                 # A lost report is not resent (fleet.proto): the next window covers only its own time.
+                self.metrics.gateway_failure("health_report")
                 code, details = rpc_status(e)
                 logger.log(logging.DEBUG if failing else logging.WARNING, "health report: %s: %s", code.name, details)
                 failing = True
@@ -641,6 +677,7 @@ class Agent:
                 try:
                     await stub.ReportInstall(install_report(result), timeout=CALL_TIMEOUT_S)
                 except aio.AioRpcError as e:
+                    self.metrics.gateway_failure("install_report")
                     code, details = rpc_status(e)
                     if code == grpc.StatusCode.INVALID_ARGUMENT:
                         # Retrying cannot help; keeping it would block every later report.
@@ -674,6 +711,7 @@ class Agent:
             try:
                 renewed = await self._renew(identity)
             except (aio.AioRpcError, EnrollmentError, OSError) as e:
+                self.metrics.gateway_failure("renewal")
                 if isinstance(e, aio.AioRpcError):
                     code, details = rpc_status(e)
                     problem = f"{code.name}: {details}"

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from grpc import aio
 
 from edgefleet_agent.errors import InferenceError, InferenceFailed, InvalidTensors, ModelNotReady, UnknownModel
+from edgefleet_agent.metrics import UNKNOWN_MODEL
 from edgefleet_agent.runtime import ModelRuntime, Prediction, TensorInfo
 from edgefleet_proto.v1 import fleet_pb2, inference_pb2, inference_pb2_grpc
 
@@ -325,6 +326,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._runtime = runtime
         self._namespace = namespace
 
+    def _rejected(self) -> None:
+        """A request refused before it reached the runtime (which counts the rest): it names no model yet."""
+        self._runtime.metrics.inference_error(UNKNOWN_MODEL, "invalid_request")
+
     async def _predict(self, request: _Request) -> Prediction:
         inputs = request.inputs()
         return await asyncio.to_thread(
@@ -338,13 +343,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Predict(self, request: inference_pb2.PredictRequest, context: Context) -> inference_pb2.PredictResponse:
         try:
-            if request.more_chunks or request.chunk_index != 0:
-                raise InvalidTensors("Predict takes whole tensors; chunked requests go through PredictStream")
-            _check_header(request)
-            logical = _Request(
-                request.request_id, request.model_name, request.model_version, list(request.output_names)
-            )
-            _add_pieces(logical, request, limit=UNARY_DATA_BYTES)
+            try:
+                if request.more_chunks or request.chunk_index != 0:
+                    raise InvalidTensors("Predict takes whole tensors; chunked requests go through PredictStream")
+                _check_header(request)
+                logical = _Request(
+                    request.request_id, request.model_name, request.model_version, list(request.output_names)
+                )
+                _add_pieces(logical, request, limit=UNARY_DATA_BYTES)
+            except InferenceError:
+                self._rejected()
+                raise
             prediction = await self._predict(logical)
             outputs = [tensor_message(name, array) for name, array in prediction.outputs]
             if sum(len(t.data) for t in outputs) > UNARY_DATA_BYTES:
@@ -406,6 +415,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 try:
                     request = assembler.add(message, limit=budget.limit - budget.used)
                 except InferenceError as exc:
+                    self._rejected()
                     failed: asyncio.Future[list[inference_pb2.PredictResponse]] = loop.create_future()
                     failed.set_result([error_response(message.request_id, exc)])
                     await queue.put(failed)
@@ -415,6 +425,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     await queue.put(asyncio.ensure_future(self._serve(request, budget)))
             pending = assembler.pending()
             if pending is not None:
+                self._rejected()
                 cut: asyncio.Future[list[inference_pb2.PredictResponse]] = loop.create_future()
                 cut.set_result([error_response(pending, InvalidTensors("the stream ended inside a chunked request"))])
                 await queue.put(cut)

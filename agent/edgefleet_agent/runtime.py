@@ -31,6 +31,7 @@ from edgefleet_agent.errors import (
     ModelNotReady,
     UnknownModel,
 )
+from edgefleet_agent.metrics import UNKNOWN_MODEL, AgentMetrics, InferenceErrorKind, ServedModel
 from edgefleet_agent.pipeline import DEFAULT_DEPTH, LocalStage, PipelinedExecutor
 from edgefleet_core.bundle.distribution import version_key
 from edgefleet_core.bundle.manifest import BundleManifest
@@ -176,7 +177,18 @@ class LoadedModel:
         self.partition_plan = read_partition_plan(manifest, f"{namespace}/{name} {version}")
         self._plan_id = self.partition_plan.plan_id if self.partition_plan is not None else ""
         self.execution_providers = tuple(stage.execution_provider for stage in stages)
-        self.degraded = any(got != want for got, want in zip(self.execution_providers, wanted_providers, strict=True))
+        self.fallbacks = tuple(
+            (stage, got)
+            for stage, got, want in zip(
+                ("model",) if len(stages) == 1 else ("head", "tail"),
+                self.execution_providers,
+                wanted_providers,
+                strict=True,
+            )
+            if got != want
+        )
+        """(stage, provider it got) of each stage not on the provider it wanted."""
+        self.degraded = bool(self.fallbacks)
         """A stage runs on a fallback provider (e.g. the CPU while the plan names an accelerator)."""
         self._single: LocalStage | None = None
         self._pipeline: PipelinedExecutor | None = None
@@ -276,14 +288,24 @@ def _percentile(samples: Sequence[float], q: float) -> float:
 class ModelRuntime:
     """Every model this device serves, keyed by (namespace, name)."""
 
-    def __init__(self, providers: Sequence[str] = (CPU_EP,), *, intra_op_threads: int = 1) -> None:
+    def __init__(
+        self,
+        providers: Sequence[str] = (CPU_EP,),
+        *,
+        intra_op_threads: int = 1,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
+        """``metrics``: where requests, fallbacks and the served versions are recorded (the Updater
+        records install outcomes there too); ``None``: a registry of this runtime's own."""
         if not providers:
             raise ValueError("at least one execution provider is needed")
         self.providers = tuple(providers)
         self.intra_op_threads = intra_op_threads
+        self.metrics = metrics or AgentMetrics()
         self._lock = threading.Lock()
         self._models: dict[tuple[str, str], _Served] = {}
         self._windows: dict[tuple[str, str, str], _Window] = {}
+        self.metrics.follow_models(self._served_models)
 
     # --- loading and swapping ------------------------------------------------------------------
 
@@ -330,10 +352,15 @@ class ModelRuntime:
                 )
                 for file, providers in zip(order, wanted, strict=True)
             ]
-            return LoadedModel(namespace, name, version, slot, manifest, stages, [p[0] for p in wanted])
+            loaded = LoadedModel(namespace, name, version, slot, manifest, stages, [p[0] for p in wanted])
         finally:
             with self._lock:
                 served.loading = False
+        for stage, provider in loaded.fallbacks:
+            log.warning("[%s/%s] %s: the %s stage runs on %s, not %s", namespace, name, version, stage, provider,
+                        (head_providers if stage != "tail" else tail_providers)[0])  # fmt: skip
+            self.metrics.fallback(name, stage, provider)
+        return loaded
 
     def self_test(self, model: LoadedModel, test: SelfTest | None) -> SelfTestFailure | None:
         """Run the golden inputs, compare outputs, check the latency SLO; ``None`` when the version passes.
@@ -434,14 +461,24 @@ class ModelRuntime:
     ) -> Prediction:
         """Serve one request on the active version (or the pinned one); typed errors for bad requests."""
         started = time.perf_counter()
-        model = self._pick(namespace, name, version)
+        try:
+            model = self._pick(namespace, name, version)
+        except UnknownModel:
+            self.metrics.inference_error(UNKNOWN_MODEL, "unknown_model")
+            raise
+        except ModelNotReady:
+            self.metrics.inference_error(name, "not_ready")
+            raise
         try:
             names = model.validate(inputs, output_names)
             outputs, timings = model.run(inputs, names)
-        except (InvalidTensors, InferenceFailed):
+        except (InvalidTensors, InferenceFailed) as exc:
+            kind: InferenceErrorKind = "invalid_request" if isinstance(exc, InvalidTensors) else "failed"
+            self.metrics.inference_error(name, kind)
             self._record(model, None)
             raise
         total = time.perf_counter() - started
+        self.metrics.inference(name, total, fallback=model.degraded)
         self._record(model, total)
         return Prediction(model.version, [(n, outputs[n]) for n in names], [*timings, ("total", total)])
 
@@ -499,6 +536,15 @@ class ModelRuntime:
                 )
             )
         return stats
+
+    def _served_models(self) -> list[ServedModel]:
+        """Every active version, for the metrics (read at scrape time)."""
+        with self._lock:
+            active = [s.active for s in self._models.values() if s.active is not None]
+        return [
+            ServedModel(m.name, m.version, m.slot or "", "split" if len(m.execution_providers) == 2 else "whole")
+            for m in active
+        ]
 
     def served(self) -> list[tuple[str, str, str, SlotName]]:
         """(namespace, name, version, slot) of every active version that came from a slot."""

@@ -197,6 +197,7 @@ class Updater:
                     self.runtime.mark_unavailable(slots.namespace, slots.name)
                     continue
                 if crash_loop is not None:
+                    self.runtime.metrics.update(crash_loop)
                     results.append(crash_loop)
         return results
 
@@ -306,7 +307,15 @@ class Updater:
         return found
 
     def apply(self, assignment: AssignmentSpec, cancelled: Callable[[], bool] = _never) -> InstallResult:
-        """Bring one model to the assignment's state; never raises for an install failure."""
+        """Bring one model to the assignment's state; never raises for an install failure.
+
+        Every outcome is recorded in the runtime's metrics (``edgefleet_agent_updates_total``).
+        """
+        result = self._apply(assignment, cancelled)
+        self.runtime.metrics.update(result)
+        return result
+
+    def _apply(self, assignment: AssignmentSpec, cancelled: Callable[[], bool]) -> InstallResult:
         run = _Run(assignment)
         with self._lock:
             try:
@@ -413,6 +422,7 @@ class Updater:
             raise InstallFailed("refused_verification", "DigestMismatch", str(exc), "verify") from None
         except BundleError as exc:
             raise InstallFailed("failed", "BundleInvalid", str(exc), "decode") from None
+        self.runtime.metrics.downloaded(fetched.transferred_bytes, delta=fetched.delta)
         self._check(cancelled)
         target = slots.inactive_slot()
         with run.phase("decode"):

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, cast
+from wsgiref.simple_server import WSGIServer
 
 import aiohttp
 import kopf
@@ -45,6 +46,7 @@ from edgefleet_core.resources.edge_model import EdgeModel, EdgeModelStatus, Targ
 from edgefleet_core.resources.loading import parse_resource
 from edgefleet_operator.jobs.errors import KubeApiUnavailable
 from edgefleet_operator.jobs.kube import ApiEndpoint
+from edgefleet_operator.metrics import MetricsListenError, OperatorMetrics, parse_listen
 from edgefleet_operator.reconcile.edge_model import EdgeModelReconciler, ReconcileResult
 from edgefleet_operator.reconcile.status import STALLED, StatusReason, summarize
 from edgefleet_operator.reconcile.targets import targets_class
@@ -89,10 +91,14 @@ class KopfSettings:
     """The longest delay between attempts."""
     liveness: str | None = None
     """kopf's liveness endpoint, e.g. ``http://0.0.0.0:8080/healthz``."""
+    metrics_listen: str | None = None
+    """``HOST:PORT`` to serve Prometheus metrics on (``/metrics``; port 0 picks one); ``None``: none."""
 
     def __post_init__(self) -> None:
         if min(self.resync_seconds, self.tick_seconds, self.retry_seconds, self.retry_max_seconds) <= 0:
             raise RuntimeSetupError("resync, tick and retry times must be positive")
+        if self.metrics_listen is not None:
+            parse_listen(self.metrics_listen)
 
     @property
     def clusterwide(self) -> bool:
@@ -192,6 +198,10 @@ class EdgeModelDriver:
         self._builds = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="edgefleet-build")
         self._locks: dict[str, asyncio.Lock] = {}
         self._written: dict[str, _Written] = {}
+        self.metrics = OperatorMetrics()
+        """What the reconciler records; served over HTTP when ``kopf_settings.metrics_listen`` is set."""
+        self.metrics_address: str | None = None
+        """``HOST:PORT`` the metrics are served on, once :func:`serve` started them."""
         self.setup_error: RuntimeSetupError | None = None
         """Why the operator could not start, when a person must act (kopf only says that start-up failed)."""
 
@@ -208,7 +218,7 @@ class EdgeModelDriver:
         return self._api
 
     def _build_reconciler(self, settings: OperatorSettings, pool: ThreadPoolExecutor) -> EdgeModelReconciler:
-        return build_reconciler(settings, executor=pool, api=self.api_endpoint)
+        return build_reconciler(settings, executor=pool, api=self.api_endpoint, metrics=self.metrics)
 
     async def start(self) -> None:
         """Build the reconciler (opens the store, checks keys and repository) off the event loop."""
@@ -249,6 +259,11 @@ class EdgeModelDriver:
                 self.schedule.after(uid, self.kopf_settings.resync_seconds, started=started)
                 status = _invalid_spec_status(body, current, str(exc))
                 newly = _stalled_message(current) != _stalled_message(status)
+                # The reconciler never sees a spec that does not parse: recorded here, as a stalled reconcile.
+                self.metrics.reconciled("stalled", self.schedule.now() - started)
+                self.metrics.model_status(
+                    str(body.metadata.namespace), str(body.metadata.name), EdgeModelStatus.model_validate(status)
+                )
                 return Outcome(self._remember(uid, current, status), None, str(exc) if newly else None)
             loop = asyncio.get_running_loop()
             try:
@@ -270,6 +285,7 @@ class EdgeModelDriver:
             model = _parse_model(body, None, check=False)
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(self._calls, self.reconciler.finalize, model)
+        self.metrics.model_deleted(model.metadata.namespace or "default", model.metadata.name)
         self.forget(uid)
         return result
 
@@ -569,6 +585,7 @@ async def serve(
     """Run the operator until ``stop_flag`` is set (or SIGTERM/SIGINT when in the main thread)."""
     driver = driver or EdgeModelDriver(settings, kopf_settings)
     ks = kopf_settings
+    http = _serve_metrics(driver, ks.metrics_listen) if ks.metrics_listen is not None else None
     quiet = _QuietTicks()
     objects_log = logging.getLogger("kopf.objects")
     objects_log.addFilter(quiet)
@@ -590,3 +607,19 @@ async def serve(
     finally:
         objects_log.removeFilter(quiet)
         driver.close()
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+            driver.metrics_address = None
+
+
+def _serve_metrics(driver: EdgeModelDriver, listen: str) -> WSGIServer:
+    """The driver's metrics over HTTP on ``listen`` (a daemon thread); sets ``driver.metrics_address``."""
+    host, port = parse_listen(listen)
+    try:
+        http, _, bound = driver.metrics.serve(host, port)
+    except OSError as exc:
+        raise MetricsListenError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
+    driver.metrics_address = f"{host}:{bound}"
+    logger.info("serving metrics on http://%s/metrics", driver.metrics_address)
+    return http

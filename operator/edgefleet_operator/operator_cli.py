@@ -89,6 +89,13 @@ def run(
     liveness: Annotated[
         str | None, typer.Option("--liveness", help="Serve a liveness probe here, e.g. http://0.0.0.0:8080/healthz.")
     ] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            help="HOST:PORT to serve Prometheus metrics on (/metrics), e.g. 0.0.0.0:9090; off by default.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info or warning.")] = "info",
     build_mode: Annotated[
         str,
@@ -172,6 +179,7 @@ def run(
             priority=priority,
             resync_seconds=resync_seconds,
             liveness=liveness,
+            metrics_listen=metrics_listen,
             identity=identity or default_identity(),
         )
     except (EdgeFleetError, ValueError) as exc:
@@ -186,12 +194,15 @@ def run(
 
 
 async def _serve(settings: OperatorSettings, kopf_settings: KopfSettings) -> None:
-    from edgefleet_operator.kopf_app import serve
+    from edgefleet_operator.kopf_app import EdgeModelDriver, serve
 
     ready = asyncio.Event()
+    driver = EdgeModelDriver(settings, kopf_settings)
 
     async def announce() -> None:
         await ready.wait()
+        if driver.metrics_address is not None:
+            typer.echo(f"metrics on http://{driver.metrics_address}/metrics", err=True)
         scope = ",".join(kopf_settings.namespaces) or "*"
         peering = kopf_settings.peering or "standalone"
         typer.echo(f"{READY_LINE} identity={kopf_settings.identity} namespaces={scope} peering={peering}")
@@ -199,7 +210,7 @@ async def _serve(settings: OperatorSettings, kopf_settings: KopfSettings) -> Non
 
     announcer = asyncio.create_task(announce())
     try:
-        await serve(settings, kopf_settings, ready_flag=ready)
+        await serve(settings, kopf_settings, ready_flag=ready, driver=driver)
     finally:
         announcer.cancel()
 

@@ -26,6 +26,7 @@ from edgefleet_operator.fleet.state import FleetState
 from edgefleet_operator.jobs.dispatcher import KubeJobDispatcher
 from edgefleet_operator.jobs.kube import ApiEndpoint, KubeApi
 from edgefleet_operator.jobs.manifest import JobSettings, StoreAccess
+from edgefleet_operator.metrics import OperatorMetrics
 from edgefleet_operator.reconcile.edge_model import (
     DEFAULT_DISPATCH_POLL_S,
     DEFAULT_POLL_S,
@@ -179,13 +180,16 @@ def build_reconciler(
     *,
     executor: ThreadPoolExecutor | None = None,
     api: Callable[[], ApiEndpoint] | None = None,
+    metrics: OperatorMetrics | None = None,
 ) -> EdgeModelReconciler:
     """The reconciler ``settings`` describe: store, keys, publisher (repository ready), fleet, sources, cache.
 
     ``executor`` runs the per-class builds; without one a pool of ``settings.workers`` threads is
     made (its idle threads end with the process). ``api``: the Kubernetes API credentials, asked
-    for at each call (kopf's login); needed with ``build_mode="jobs"``. Raises :class:`RuntimeSetupError` for settings a
-    person must fix, and store errors as they come (:func:`is_store_outage` tells which to retry).
+    for at each call (kopf's login); needed with ``build_mode="jobs"``. ``metrics``: where the
+    reconciler records (``None``: a registry of its own, as ``reconciler.metrics``). Raises
+    :class:`RuntimeSetupError` for settings a person must fix, and store errors as they come
+    (:func:`is_store_outage` tells which to retry).
     """
     keys = load_keys(settings.keys_dir)
     store = open_artifact_store(settings)
@@ -216,6 +220,7 @@ def build_reconciler(
         resync_interval=settings.resync_seconds,
         dispatcher=dispatcher,
         dispatch_poll_interval=settings.jobs.poll_seconds if settings.jobs is not None else DEFAULT_DISPATCH_POLL_S,
+        metrics=metrics,
     )
 
 

@@ -7,6 +7,8 @@ version that fails its self-test back automatically, reporting why.
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -19,13 +21,15 @@ from edgefleet_core.store.local import LocalStore
 from edgefleet_operator.fleet.records import InstallRecord
 from edgefleet_operator.fleet.state import FleetState
 from edgefleet_proto.v1 import inference_pb2, inference_pb2_grpc
-from tests.support.fleet import FleetSite, fleet_site, gateway_address, inference_address, wait_for
+from tests.support.fleet import FleetSite, Process, fleet_site, gateway_address, inference_address, wait_for
 from tests.support.tiny_models import tiny_cnn
 
 pytestmark = pytest.mark.integration
 NAMESPACE = "demo"
 MODEL = "digits"
 CLASSES = {"edge-a": "cpu-small", "edge-b": "cpu-small", "edge-c": "cpu-large"}
+METRICS_AGENT = "edge-a"
+"""The agent started with ``--metrics-listen``."""
 
 
 def _model(folder: Path, seed: int) -> Path:
@@ -55,6 +59,15 @@ def _predict(address: str, image: np.ndarray) -> tuple[str, np.ndarray]:
         )  # fmt: skip
     (output,) = response.outputs
     return response.model_version, np.frombuffer(output.data, "<f4").reshape(tuple(output.shape))
+
+
+def _scrape(agent: Process) -> dict[str, float]:
+    """The agent's ``/metrics`` (it printed where), as sample line (name and labels) → value."""
+    found = re.search(r"metrics on (http://\S+/metrics)", agent.output())
+    assert found is not None, agent.output()[-2000:]
+    with urllib.request.urlopen(found[1], timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in lines if not line.startswith("#")}
 
 
 def _expected(model: Path, image: np.ndarray) -> np.ndarray:
@@ -89,9 +102,12 @@ def test_gateway_and_three_agents_install_report_and_roll_back(tmp_path: Path) -
         gateway = site.start_gateway()
         fleet, enroll = gateway_address(gateway)
         agents = {
-            name: site.start_agent(name, gateway=fleet, enroll_gateway=enroll, token=site.token(device_class))
+            name: site.start_agent(
+                name, gateway=fleet, enroll_gateway=enroll, token=site.token(device_class),
+                extra=("--metrics-listen", "127.0.0.1:0") if name == METRICS_AGENT else (),
+            )
             for name, device_class in CLASSES.items()
-        }
+        }  # fmt: skip
 
         # Enrolled: each device is in the fleet state with the class its token named.
         devices = {d.name: d for d in state.list_devices(NAMESPACE)}
@@ -123,6 +139,16 @@ def test_gateway_and_three_agents_install_report_and_roll_back(tmp_path: Path) -
         assert all(r.from_version == "1.0.0" and r.to_version == "3.0.0" for r in records.values())
         for name in small:
             assert _predict(inference_address(agents[name]), image)[0] == "1.0.0"
+
+        # The agent's metrics, scraped as Prometheus does: what it serves, the rollback and why, its requests.
+        scraped = _scrape(agents[METRICS_AGENT])
+        served = {k for k, v in scraped.items() if k.startswith("edgefleet_agent_model_info{") and v == 1}
+        assert served == {'edgefleet_agent_model_info{model="digits",slot="a",version="1.0.0"}'}, served
+        rolled_back = 'edgefleet_agent_updates_total{outcome="rolled_back",reason="SelfTestLatency",stage="self_test"}'
+        assert scraped[rolled_back] == 1
+        assert scraped['edgefleet_agent_updates_total{outcome="succeeded",reason="Installed",stage=""}'] == 1
+        assert scraped['edgefleet_agent_inference_requests_total{model="digits"}'] >= 2
+        assert scraped['edgefleet_agent_download_bytes_total{encoding="full"}'] > 0
 
         # And the fleet moves on: 2.0.0 everywhere (a delta against 1.0.0 where one was published).
         site.assign(model=MODEL, version="2.0.0", devices=tuple(CLASSES))

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,9 @@ def test_crds_print_every_definition_and_run_checks_its_options(tmp_path: Path) 
     both = runner.invoke(app, [*base, "-A", "--standalone", "--peering", "p"])
     assert both.exit_code == 2
     assert "--standalone" in both.output
+    bad_metrics = runner.invoke(app, [*base, "-A", "--standalone", "--metrics-listen", "9090"])
+    assert bad_metrics.exit_code == 1
+    assert "--metrics-listen '9090' is not HOST:PORT" in bad_metrics.output
 
 
 def test_run_without_a_repository_and_root_keys_fails_naming_the_fix(
@@ -383,7 +387,7 @@ def test_sigkill_mid_pipeline_then_restart_converges_without_duplicates(
     # Life 3, with status writes allowed again: it adopts what is published and builds nothing.
     signed_before = _targets_versions(site)
     refused.remaining = 0
-    third = start_operator("operator", logs, *args)
+    third = start_operator("operator", logs, *args, "--metrics-listen", "127.0.0.1:0")
     done = server.wait_for(
         "edgemodels", "digits", lambda o: len(variants(o)) == len(classes) and is_true(o, "Published"),
         NAMESPACE, timeout=90,
@@ -400,7 +404,24 @@ def test_sigkill_mid_pipeline_then_restart_converges_without_duplicates(
         assert files == ["manifest.json", "model.onnx.eft"], (cls, files)
     # (A publish cut short between writing its files and signing them leaves those files behind,
     # unreferenced and never served; the retry publishes under the next version.)
+    # Its metrics (--metrics-listen) say the same: reconciles, no build and no publish, the model settled.
+    scraped = _scrape(third)
+    assert scraped['edgefleet_operator_reconciles_total{outcome="ok"}'] >= 1
+    assert not [k for k, v in scraped.items() if k.startswith("edgefleet_operator_build_duration_seconds_count") and v]
+    assert scraped['edgefleet_operator_publish_duration_seconds_count{outcome="published"}'] == 0
+    assert scraped['edgefleet_operator_edgemodels{condition="Published",status="True"}'] == 1
+    pending = 'edgefleet_operator_rollout_state{edgemodel="digits",namespace="vision",state="Pending"}'
+    assert scraped[pending] == 1  # no devices: nothing to roll out to
     assert third.terminate() == 0, third.output()[-3000:]
+
+
+def _scrape(operator: Process) -> dict[str, float]:
+    """The operator's ``/metrics`` (it printed where), as sample line (name and labels) → value."""
+    found = re.search(r"metrics on (http://\S+/metrics)", operator.output())
+    assert found is not None, operator.output()[-2000:]
+    with urllib.request.urlopen(found[1], timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in lines if not line.startswith("#")}
 
 
 def _targets_versions(site: Site) -> list[str]:

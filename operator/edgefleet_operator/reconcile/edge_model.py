@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -48,6 +49,7 @@ from edgefleet_core.resources.edge_model import (
 )
 from edgefleet_operator.fleet.records import model_key
 from edgefleet_operator.fleet.state import FleetState, utc_now
+from edgefleet_operator.metrics import BuildOutcome, OperatorMetrics, ReconcileOutcome
 from edgefleet_operator.reconcile.build_key import build_key, pinned_data_sha256
 from edgefleet_operator.reconcile.dispatch import BuildDispatcher, Built, DispatchState, Failed, Running
 from edgefleet_operator.reconcile.errors import SpecError
@@ -65,7 +67,7 @@ from edgefleet_operator.reconcile.status import (
     summarize,
 )
 from edgefleet_operator.reconcile.targets import resolve_targets
-from edgefleet_operator.reconcile.variants import BuiltVariant, build_variant, variant_status
+from edgefleet_operator.reconcile.variants import BUILD_SECONDS, BuiltVariant, build_variant, variant_status
 from edgefleet_operator.rollout.controller import BundleSource, RolloutController, RolloutStep
 from edgefleet_operator.rollout.decisions import (
     AdvanceWave,
@@ -187,6 +189,34 @@ class _ClassWork:
         return self.published is None and self.problem is None and self.retry is None
 
 
+@dataclass(frozen=True)
+class _TimedBuild:
+    """A build's outcome and how long it ran (in the worker, queueing excluded)."""
+
+    built: BuiltVariant | None
+    error: Exception | None
+    seconds: float
+
+
+def _timed_build(
+    builder: VariantBuilder,
+    model: EdgeModel,
+    device_class: DeviceClass,
+    source: LoadedModel,
+    data: tuple[Dataset, str] | None,
+    *,
+    cache: VariantCache | None,
+    trainer: Trainer | None,
+) -> _TimedBuild:
+    """Run ``builder`` and time it; a module-level function, so a process pool can run it too."""
+    started = time.perf_counter()
+    try:
+        built = builder(model, device_class, source, data, cache=cache, trainer=trainer)
+    except Exception as exc:  # noqa: BLE001 - handed back with its time; the reconciler re-raises it
+        return _TimedBuild(None, exc, time.perf_counter() - started)
+    return _TimedBuild(built, None, time.perf_counter() - started)
+
+
 @dataclass
 class _Memo:
     """Bounded, thread-safe memory of build keys already settled, so a reconcile does not ask again."""
@@ -251,14 +281,17 @@ class EdgeModelReconciler:
         resync_interval: float | None = DEFAULT_RESYNC_S,
         dispatcher: BuildDispatcher | None = None,
         dispatch_poll_interval: float = DEFAULT_DISPATCH_POLL_S,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         """``bundles`` tells the rollout controller what an assignment of a version names
         (:class:`~edgefleet_operator.rollout.controller.PublishedBundles` over the publisher's store).
         ``executor``: where class builds run; ``None`` runs them one after another in the caller.
         ``dispatcher``: when given, builds run there instead (``builder`` and ``executor`` are unused,
         and the operator never reads the sources); a running build is looked at again after
-        ``dispatch_poll_interval`` seconds.
+        ``dispatch_poll_interval`` seconds. ``metrics``: where reconciles, builds and publishes are
+        recorded (:attr:`metrics`); ``None``: a registry of this reconciler's own.
         """
+        self.metrics = metrics or OperatorMetrics()
         self._publisher = publisher
         self._fleet = fleet
         self._sources = sources
@@ -283,6 +316,18 @@ class EdgeModelReconciler:
     def reconcile(self, model: EdgeModel, classes: Sequence[DeviceClass]) -> ReconcileResult:
         """Converge ``model`` (its last status in ``model.status``) given every DeviceClass there is."""
         namespace, name = _identity(model)
+        started = time.perf_counter()
+        try:
+            result, outcome = self._reconcile(model, classes)
+        except BaseException:
+            self.metrics.reconciled("error", time.perf_counter() - started)
+            raise
+        self.metrics.reconciled(outcome, time.perf_counter() - started)
+        self.metrics.model_status(namespace, name, result.status)
+        return result
+
+    def _reconcile(self, model: EdgeModel, classes: Sequence[DeviceClass]) -> tuple[ReconcileResult, ReconcileOutcome]:
+        namespace, name = _identity(model)
         now = self._clock()
         before = model.status or EdgeModelStatus()
         events: list[Event] = []
@@ -291,7 +336,7 @@ class EdgeModelReconciler:
         except SpecError as exc:
             # Nothing is built or assigned: what the fleet runs now stays as it is.
             logger.warning("[%s/%s] stalled: %s", namespace, name, exc)
-            return self._stalled_on_targets(model, before, exc, now)
+            return self._stalled_on_targets(model, before, exc, now), "stalled"
         self._renew_signed_metadata()
         works = [self._plan(model, device_class) for device_class in targets]
         dropped = sorted({v.device_class for v in before.variants or []} - {w.name for w in works})
@@ -299,6 +344,8 @@ class EdgeModelReconciler:
             # Their devices keep what they run: leaving the targets is not a delete.
             logger.info("[%s/%s] no longer targets %s", namespace, name, ", ".join(dropped))
         self._build_missing(model, [w for w in works if w.needs_build()], events)
+        if self._dispatcher is not None:
+            self.metrics.jobs_running(namespace, name, {w.name for w in works if w.building is not None})
         for work in works:
             if work.published is not None:
                 self._roll_out(model, work, before, events)
@@ -308,7 +355,8 @@ class EdgeModelReconciler:
         retrying = [w for w in works if w.retry is not None]
         if retrying and not _was_retrying(before):
             events.append(Event("Warning", "Retrying", _retry_message(retrying)))
-        return ReconcileResult(status, events, self._requeue_after(model, works, now))
+        outcome: ReconcileOutcome = "stalled" if stalled is not None else "requeued" if retrying else "ok"
+        return ReconcileResult(status, events, self._requeue_after(model, works, now)), outcome
 
     def _renew_signed_metadata(self) -> None:
         """Keep the repository's timestamp, snapshot and targets from lapsing (devices refuse expired ones).
@@ -321,6 +369,7 @@ class EdgeModelReconciler:
             with self._publish_lock:
                 written = self._publisher.renew_if_due()
         except EdgeFleetError as exc:
+            self.metrics.store_error("renew")
             logger.warning("cannot renew the signed metadata (retried at the next reconcile): %s", exc)
             return
         if written is not None:
@@ -343,6 +392,7 @@ class EdgeModelReconciler:
             found = self._publisher.find_build(BundleRef(namespace, name, work.name), key)
         except EdgeFleetError as exc:
             work.retry = exc
+            self.metrics.store_error("find_build")
             logger.warning("[%s/%s] class %s: cannot read the repository: %s", namespace, name, work.name, exc)
             return work
         if found is not None:
@@ -374,6 +424,7 @@ class EdgeModelReconciler:
         except EdgeFleetError as exc:
             for work in pending:
                 work.retry = exc
+            self.metrics.store_error("read_sources")
             logger.warning("[%s/%s] cannot read the sources, will retry: %s", namespace, name, exc)
             return
         logger.info("[%s/%s] building version %s for %s", namespace, name, version, ", ".join(w.name for w in pending))
@@ -396,6 +447,7 @@ class EdgeModelReconciler:
         except EdgeFleetError as exc:
             for work in pending:
                 work.retry = exc
+            self.metrics.store_error("next_version")
             logger.warning("[%s/%s] cannot read the repository, will retry: %s", namespace, name, exc)
             return
         for work in pending:
@@ -403,6 +455,7 @@ class EdgeModelReconciler:
                 state = dispatcher.dispatch(model, work.device_class, build_key=work.key, version=version)
             except EdgeFleetError as exc:
                 work.retry = exc
+                self.metrics.store_error("dispatch")
                 logger.warning("[%s/%s] class %s: cannot dispatch the build: %s", namespace, name, work.name, exc)
                 continue
             self._take_dispatched(model, work, state)
@@ -419,6 +472,11 @@ class EdgeModelReconciler:
                 work.building = message
             case Built(variant):
                 work.built = variant
+                # The Job timed its own build: the summary says how long it ran, and each pass.
+                seconds = variant.summary.get(BUILD_SECONDS)
+                if isinstance(seconds, int | float):
+                    self.metrics.build_finished(namespace, name, work.name, "built", float(seconds))
+                self.metrics.build_summary(variant.summary)
             case Failed(SpecError() as refused):
                 work.problem = refused
                 self._memo.remember_refused((namespace, name, work.name, work.key), refused)
@@ -445,38 +503,67 @@ class EdgeModelReconciler:
         try:
             dispatcher.release(model, work.device_class, build_key=work.key)
         except EdgeFleetError as exc:
+            self.metrics.store_error("release")
             # Harmless: the version is published, and the staged output is only disk space.
             logger.warning("[%s/%s] class %s: cannot clean up the finished build: %s", namespace, name, work.name, exc)
 
     def _run_builds(
         self, model: EdgeModel, pending: list[_ClassWork], source: LoadedModel, data: tuple[Dataset, str] | None
     ) -> None:
-        if self._executor is None:
-            for work in pending:
-                self._collect(model, work, functools.partial(self._build, model, work, source, data))
-            return
-        futures = [
-            (
-                work,
-                self._executor.submit(
-                    self._builder, model, work.device_class, source, data, cache=self._cache, trainer=self._trainer
-                ),
-            )
-            for work in pending
-        ]
-        for work, future in futures:
-            self._collect(model, work, future.result)
+        in_flight = self.metrics.builds_running.labels("pool")
+        in_flight.inc(len(pending))
+        collected = 0
+        try:
+            if self._executor is None:
+                for work in pending:
+                    self._collect(model, work, functools.partial(self._build, model, work, source, data))
+                    collected += 1
+                    in_flight.dec()
+                return
+            futures = [
+                (
+                    work,
+                    self._executor.submit(
+                        _timed_build,
+                        self._builder,
+                        model,
+                        work.device_class,
+                        source,
+                        data,
+                        cache=self._cache,
+                        trainer=self._trainer,
+                    ),
+                )
+                for work in pending
+            ]
+            for work, future in futures:
+                self._collect(model, work, future.result)
+                collected += 1
+                in_flight.dec()
+        finally:
+            in_flight.dec(len(pending) - collected)  # those an unexpected error left uncollected
 
     def _build(
         self, model: EdgeModel, work: _ClassWork, source: LoadedModel, data: tuple[Dataset, str] | None
-    ) -> BuiltVariant:
-        return self._builder(model, work.device_class, source, data, cache=self._cache, trainer=self._trainer)
+    ) -> _TimedBuild:
+        return _timed_build(
+            self._builder, model, work.device_class, source, data, cache=self._cache, trainer=self._trainer
+        )
 
-    def _collect(self, model: EdgeModel, work: _ClassWork, outcome: Callable[[], BuiltVariant]) -> None:
+    def _collect(self, model: EdgeModel, work: _ClassWork, outcome: Callable[[], _TimedBuild]) -> None:
         """One class's build outcome onto ``work``; a failure stays with its class."""
         namespace, name = _identity(model)
+        timed = outcome()
+        result: BuildOutcome = (
+            "built" if timed.error is None else "refused" if isinstance(timed.error, SpecError) else "failed"
+        )
+        self.metrics.build_finished(namespace, name, work.name, result, timed.seconds)
         try:
-            work.built = outcome()
+            if timed.error is not None:
+                raise timed.error
+            work.built = timed.built
+            if timed.built is not None:
+                self.metrics.build_summary(timed.built.summary)
         except SpecError as exc:
             work.problem = exc
             # The pipeline is deterministic in its inputs: the same key would be refused again.
@@ -490,8 +577,10 @@ class EdgeModelReconciler:
         namespace, name = _identity(model)
         built = work.built
         assert built is not None  # only built classes are published
+        started = time.perf_counter()
         try:
             with self._publish_lock:
+                started = time.perf_counter()  # the publish itself, not the wait for the lock
                 published = self._publisher.publish(
                     BundleRef(namespace, name, work.name, version),
                     built.files,
@@ -504,12 +593,15 @@ class EdgeModelReconciler:
                     self_test=built.self_test,
                 )
         except EdgeFleetError as exc:
+            self.metrics.published("failed", time.perf_counter() - started)
+            self.metrics.store_error("publish")
             # Also a version another writer took meanwhile: the next attempt asks for a new one.
             work.retry = exc
             logger.warning(
                 "[%s/%s] class %s: publishing %s failed, will retry: %s", namespace, name, work.name, version, exc
             )
             return
+        self.metrics.published("adopted" if published.adopted else "published", time.perf_counter() - started)
         work.published = published
         self._memo.remember_published((namespace, name, work.name, work.key), published)
         if not published.adopted:
@@ -535,6 +627,7 @@ class EdgeModelReconciler:
                 work.step = self._controller.step(_rollout_of(before, work.name), target)
         except EdgeFleetError as exc:
             work.retry = exc
+            self.metrics.store_error("rollout")
             # The bundle may have gone (deleted by another replica's finalizer): look it up afresh next time.
             self._memo.forget((namespace, name, work.name, work.key))
             logger.warning("[%s/%s] class %s: rollout step failed, will retry: %s", namespace, name, work.name, exc)
@@ -665,6 +758,7 @@ class EdgeModelReconciler:
         if self._dispatcher is not None:
             self._dispatcher.discard_model(model)
         self._memo.forget_model(namespace, name)
+        self.metrics.model_deleted(namespace, name)
         with self._failures_lock:
             self._failures.pop((namespace, name), None)
         logger.info(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -54,6 +55,8 @@ APPLIED_PASSES: Final = "appliedPasses"
 """Lineage field: the pass types that changed the model (a recipe's pass may be skipped or fail)."""
 PARTITION_PLAN_ID: Final = "partitionPlanId"
 """Lineage field: the id of the partition plan a head and tail were cut by."""
+BUILD_SECONDS: Final = "buildSeconds"
+"""Summary field: seconds the whole build took (pipeline, partitioning, self-test), wherever it ran."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ def build_variant(
     Raises :class:`~.errors.SpecError` when the spec cannot be met (no candidate within the budget,
     a manual cut that does not exist, a metric the data cannot measure).
     """
+    started = time.perf_counter()
     spec = model.spec
     name = device_class.metadata.name
     result = _optimize(
@@ -148,14 +152,26 @@ def build_variant(
         "cacheHit": chosen.cache_hit,
         "metric": evaluation.metric,
         "data": result.plan.description,
-        "passes": [{"type": r.type, "status": r.status, "reason": r.reason} for r in chosen.passes],
+        "passes": [
+            {"type": r.type, "status": r.status, "reason": r.reason, "seconds": r.seconds} for r in chosen.passes
+        ],
+        # Every candidate's passes with their times: the operator's per-pass metrics come from here,
+        # so a build that ran in a Job reports them as one that ran in the operator does.
         "candidates": [
-            {"name": c.name, "origin": c.origin, "accepted": c.accepted, "rejection": c.rejection}
+            {
+                "name": c.name,
+                "origin": c.origin,
+                "accepted": c.accepted,
+                "rejection": c.rejection,
+                "cacheHit": c.cache_hit,
+                "passes": [{"type": r.type, "status": r.status, "seconds": r.seconds} for r in c.passes],
+            }
             for c in result.candidates
         ],
         "partition": partition_summary,
         "selfTest": self_test_note,
     }
+    summary[BUILD_SECONDS] = round(time.perf_counter() - started, 3)
     return BuiltVariant(
         files=files,
         variant_id=chosen.variant_id,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,6 +23,7 @@ from edgefleet_agent.assignments import AssignmentSpec, InstallResult
 from edgefleet_agent.cli import app
 from edgefleet_agent.daemon import Agent, AgentConfigError, AgentSettings, Components, Progress, StoppableServer
 from edgefleet_agent.identity import DeviceIdentity, EnrollmentError
+from edgefleet_agent.metrics import AgentMetrics
 from edgefleet_agent.runtime import ModelWindowStats
 from edgefleet_core.signing.client import TufClient
 from edgefleet_proto.v1 import fleet_pb2
@@ -103,7 +107,9 @@ class World:
     def agent(self, **overrides: object) -> Agent:
         settings = AgentSettings(**{**self.settings.__dict__, **overrides})
 
-        def components(s: AgentSettings, identity: DeviceIdentity, tuf: Callable[[], TufClient]) -> Components:
+        def components(
+            s: AgentSettings, identity: DeviceIdentity, tuf: Callable[[], TufClient], metrics: AgentMetrics
+        ) -> Components:
             async def start() -> tuple[StoppableServer, int]:
                 return self.server, 50051
 
@@ -357,6 +363,48 @@ async def test_an_install_that_raises_is_reported_and_the_agent_keeps_running(
     assert "Traceback" in caplog.text
     assert not task.done()
     await stopped(agent, task)
+
+
+def _scrape(address: str) -> dict[str, float]:
+    """``/metrics`` over HTTP, as Prometheus reads it: sample line (name and labels) → value."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in lines if not line.startswith("#")}
+
+
+@pytest.mark.asyncio
+async def test_metrics_are_served_while_running_and_count_gateway_failures_and_internal_errors(world: World) -> None:
+    world.running.gateway.faults.report_install_failures = 2
+    world.updater.raise_on.add(1)
+    agent = world.agent(metrics_listen="127.0.0.1:0")
+    task, _ = await started(agent)
+    address = agent.metrics_address
+    assert address is not None
+    assert address.startswith("127.0.0.1:")
+    gateway = world.running.gateway
+    gateway.push(_assignment(1))
+    await until(lambda: gateway.installs)
+    scraped = await asyncio.to_thread(_scrape, address)
+    assert scraped['edgefleet_agent_gateway_failures_total{call="install_report"}'] == 2
+    # The Updater raised: the daemon's own report of it is counted (a fake Updater records nothing itself).
+    internal = 'edgefleet_agent_updates_total{outcome="failed",reason="InternalError",stage="download"}'
+    assert scraped[internal] == 1
+    await stopped(agent, task)
+    assert agent.metrics_address is None
+    with pytest.raises(urllib.error.URLError, match="refused"):  # the port is closed with the agent
+        await asyncio.to_thread(_scrape, address)
+
+
+@pytest.mark.asyncio
+async def test_a_metrics_address_that_cannot_be_bound_stops_the_agent_naming_it(world: World) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        agent = world.agent(metrics_listen=f"127.0.0.1:{port}")
+        with pytest.raises(AgentConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            await asyncio.wait_for(agent.run(), 20)
+    assert not world.running.gateway.enrolls
 
 
 @pytest.mark.asyncio
