@@ -131,6 +131,13 @@ def run(
         float,
         typer.Option("--job-poll-seconds", min=0.1, help="How often a model with a running pipeline Job is checked."),
     ] = 10.0,
+    job_cpu: Annotated[
+        str, typer.Option("--job-cpu", help="CPU each pipeline Job's pod requests (500m, 2); empty: no request.")
+    ] = "1",
+    job_memory: Annotated[
+        str,
+        typer.Option("--job-memory", help="Memory each pipeline Job's pod requests and is limited to; empty: none."),
+    ] = "2Gi",
 ) -> None:
     """Run the operator until SIGTERM or SIGINT. S3 credentials come from AWS_ACCESS_KEY_ID and
     AWS_SECRET_ACCESS_KEY (or MINIO_ACCESS_KEY and MINIO_SECRET_KEY)."""
@@ -157,6 +164,8 @@ def run(
                 s3_secret=job_s3_secret,
                 active_deadline_seconds=job_deadline_seconds,
                 poll_seconds=job_poll_seconds,
+                cpu=job_cpu or None,
+                memory=job_memory or None,
             )
             if job_image is not None
             else None

@@ -42,6 +42,8 @@ _HASH_CHARS: Final = 20
 _MAX_NAME: Final = 63
 """A Job's name becomes its pods' ``job-name`` label value: 63 characters at most."""
 _NOT_NAME: Final = re.compile(r"[^a-z0-9-]+")
+_QUANTITY: Final = re.compile(r"(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+"""A Kubernetes resource quantity, as far as CPUs and bytes are written (no exponents)."""
 
 
 POD_SECURITY: Final[dict[str, Any]] = {
@@ -81,6 +83,10 @@ class JobSettings:
     """Finished Jobs are deleted by the cluster after this long (their outcome is in the store)."""
     poll_seconds: float = 10.0
     """How soon a model with a running Job is looked at again."""
+    cpu: str | None = "1"
+    """CPU the pods request (a Kubernetes quantity); ``None``: no request."""
+    memory: str | None = "2Gi"
+    """Memory the pods request and are limited to (the pipeline's peak is the model several times over)."""
 
     def __post_init__(self) -> None:
         if not self.image:
@@ -89,6 +95,9 @@ class JobSettings:
             raise ValueError("backoff limit, deadline and TTL must be positive")
         if self.poll_seconds <= 0:
             raise ValueError("the Job poll interval must be positive")
+        for what, quantity in (("CPU", self.cpu), ("memory", self.memory)):
+            if quantity is not None and not _QUANTITY.fullmatch(quantity):
+                raise ValueError(f"the Job {what} {quantity!r} is not a Kubernetes quantity such as 500m, 2 or 4Gi")
 
 
 @dataclass(frozen=True)
@@ -209,6 +218,7 @@ def pipeline_job(
             {"name": "EDGEFLEET_CACHE", "value": f"{SCRATCH_MOUNT}/edgefleet-cache"},
         ],
         "securityContext": CONTAINER_SECURITY,
+        "resources": _resources(settings),
         "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH_MOUNT}],
     }
     if settings.s3_secret is not None:
@@ -251,3 +261,11 @@ def pipeline_job(
 
 def _label_safe(name: str) -> str:
     return _NOT_NAME.sub("-", name.lower())
+
+
+def _resources(settings: JobSettings) -> dict[str, Any]:
+    """Requests the scheduler places the pod by; memory is also the limit (a build past it is OOM-killed
+    and retried, rather than starving the node), CPU is not (a build may use idle cores)."""
+    requests = {name: value for name, value in (("cpu", settings.cpu), ("memory", settings.memory)) if value}
+    limits = {"memory": settings.memory} if settings.memory else {}
+    return {"requests": requests, **({"limits": limits} if limits else {})}

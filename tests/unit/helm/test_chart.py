@@ -221,6 +221,10 @@ BAD_VALUES: dict[str, tuple[JsonObject, str]] = {
     "unknown top-level key": ({"operatr": {}}, "additional properties 'operatr' not allowed"),
     "unknown nested key": ({"gateway": {"replica": 2}}, "additional properties 'replica' not allowed"),
     "build mode": ({"operator": {"buildMode": "threads"}}, "/operator/buildMode"),
+    "job memory unit": (
+        {"operator": {"jobs": {"resources": {"cpu": "1", "memory": "4GB"}}}},
+        "/operator/jobs/resources/memory",
+    ),
     "zero replicas": ({"operator": {"replicas": 0}}, "/operator/replicas"),
     "replicas as text": ({"gateway": {"replicas": "2"}}, "/gateway/replicas"),
     "service type": ({"gateway": {"service": {"type": "Ingress"}}}, "/gateway/service/type"),

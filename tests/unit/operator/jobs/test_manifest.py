@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,7 +109,14 @@ def test_jobs_in_another_namespace_have_no_owner(model: EdgeModel) -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [{"image": ""}, {"image": "i", "poll_seconds": 0}, {"image": "i", "backoff_limit": -1}]
+    "options",
+    [
+        {"image": ""},
+        {"image": "i", "poll_seconds": 0},
+        {"image": "i", "backoff_limit": -1},
+        {"image": "i", "memory": "4GB"},
+        {"image": "i", "cpu": "two"},
+    ],
 )
 def test_bad_job_settings_are_refused(options: dict[str, object]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011  (the message is checked by the CLI tests)
@@ -130,3 +138,23 @@ def test_the_job_is_admitted_where_restricted_pod_security_is_enforced(model: Ed
         any(env[name].startswith(f"{path}/") for path in writable) for name in ("MPLCONFIGDIR", "EDGEFLEET_CACHE")
     )
     kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_job_pods_request_what_the_settings_say(model: EdgeModel) -> None:
+    def resources(**options: Any) -> Any:
+        job = pipeline_job(
+            JobSettings(image="i", **options),
+            StoreAccess("s3://b"),
+            model,
+            device_class("c"),
+            build_key=KEY,
+            version="1",
+        )
+        return job["spec"]["template"]["spec"]["containers"][0]["resources"]
+
+    assert resources() == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+    assert resources(cpu="500m", memory="6Gi") == {
+        "requests": {"cpu": "500m", "memory": "6Gi"},
+        "limits": {"memory": "6Gi"},
+    }
+    assert resources(cpu=None, memory=None) == {"requests": {}}
