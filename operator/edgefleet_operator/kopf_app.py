@@ -48,7 +48,15 @@ from edgefleet_operator.jobs.errors import KubeApiUnavailable
 from edgefleet_operator.jobs.kube import ApiEndpoint
 from edgefleet_operator.metrics import MetricsListenError, OperatorMetrics, parse_listen
 from edgefleet_operator.reconcile.edge_model import EdgeModelReconciler, ReconcileResult
-from edgefleet_operator.reconcile.status import STALLED, StatusReason, summarize
+from edgefleet_operator.reconcile.status import (
+    AS_EXPECTED,
+    READY,
+    RECONCILING,
+    STALLED,
+    StatusReason,
+    set_condition,
+    summarize,
+)
 from edgefleet_operator.reconcile.targets import targets_class
 from edgefleet_operator.runtime import OperatorSettings, RuntimeSetupError, build_reconciler, is_store_outage
 
@@ -60,6 +68,8 @@ FINALIZER: Final = "edgefleet.io/finalizer"
 """Held on every EdgeModel the operator has seen, so deleting one runs the finalizer first."""
 TICK_HANDLER: Final = "requeue"
 INVALID_SPEC: Final = "InvalidSpec"
+PROGRESSING: Final = "Progressing"
+"""Ready/Reconciling reason between a new spec generation and its first reconcile's status."""
 
 
 def default_identity() -> str:
@@ -278,6 +288,21 @@ class EdgeModelDriver:
             status = result.status.model_dump(mode="json", by_alias=True, exclude_none=True)
             return Outcome(self._remember(uid, current, status), result)
 
+    def acknowledge(self, body: kopf.Body) -> dict[str, Any] | None:
+        """A status patch saying a new spec generation is being worked on; ``None`` when the status is current.
+
+        A build runs inside the reconcile handler and kopf writes a handler's status only when it
+        returns: without this, a new model would show no status for the minutes a build takes, and
+        GitOps tools read a resource with no status as done (kstatus: Current).
+        """
+        uid = str(body.metadata.uid)
+        generation = body.metadata.get("generation")
+        current = self._current_status(uid, body)
+        if generation is None or current.get("observedGeneration") == generation:
+            return None
+        status = _acknowledged_status(current, generation)
+        return self._remember(uid, current, status)
+
     async def finalize(self, body: kopf.Body) -> ReconcileResult:
         """Run the model's finalizer (assignments removed, artifacts per ``artifactPolicy``) and forget it."""
         uid = str(body.metadata.uid)
@@ -378,6 +403,28 @@ def _invalid_spec_status(body: kopf.Body, current: Mapping[str, Any], message: s
     )
     stalled = previous.model_copy(update={"conditions": conditions, "observed_generation": generation})
     wire: dict[str, Any] = stalled.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return wire
+
+
+def _acknowledged_status(current: Mapping[str, Any], generation: int) -> dict[str, Any]:
+    """``current`` with ``Reconciling`` true and ``Ready`` false for ``generation``, the rest kept."""
+    try:
+        previous = EdgeModelStatus.model_validate(current) if current else EdgeModelStatus()
+    except ValidationError:
+        previous = EdgeModelStatus()
+    why = StatusReason(PROGRESSING, f"the operator is working on generation {generation}")
+    conditions = previous.conditions
+    now = datetime.now(UTC)
+    for condition_type, status, reason in (
+        (READY, False, why),
+        (RECONCILING, True, why),
+        (STALLED, False, StatusReason(AS_EXPECTED, "")),
+    ):
+        conditions = set_condition(
+            conditions, condition_type, status, reason.reason, reason.message, generation=generation, now=now
+        )
+    acknowledged = previous.model_copy(update={"conditions": conditions, "observed_generation": generation})
+    wire: dict[str, Any] = acknowledged.model_dump(mode="json", by_alias=True, exclude_none=True)
     return wire
 
 
@@ -487,6 +534,16 @@ def build_registry(driver: EdgeModelDriver) -> kopf.OperatorRegistry:
         woken = driver.replan(changed, _targets(kwargs["edgemodel_targets"]))
         if woken:
             logger.info("DeviceClass %s: %s, re-planning %d model(s)", changed.metadata.name, kind.lower(), len(woken))
+
+    # Registered first: kopf runs one handler per pass and writes its patch before the next, so a
+    # new generation shows Reconciling before the (possibly minutes-long) reconcile starts.
+    @kopf.on.resume(group, version, EDGEMODELS, id="acknowledge", registry=registry)
+    @kopf.on.create(group, version, EDGEMODELS, id="acknowledge", registry=registry)
+    @kopf.on.update(group, version, EDGEMODELS, field="spec", id="acknowledge", registry=registry)
+    async def acknowledge(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        status = driver.acknowledge(body)
+        if status is not None:
+            patch.status.update(status)
 
     @kopf.on.resume(group, version, EDGEMODELS, id="reconcile", registry=registry)
     @kopf.on.create(group, version, EDGEMODELS, id="reconcile", registry=registry)

@@ -325,6 +325,17 @@ def test_edgemodels_reach_ready_stall_on_bad_specs_replan_and_finalize(
             "edgemodels", "digits", lambda o: variants(o) == {"cpu-a": "2", "cpu-b": "2"}, NAMESPACE, timeout=60
         )
         assert changed["status"]["observedGeneration"] == 2
+        # Each generation was acknowledged (Reconciling, not Ready) before the reconcile that built it
+        # wrote its result: GitOps tools never see a new spec with an old or missing status as done.
+        for generation in (1, 2):
+            first = next(
+                v["status"] for v in server.versions("edgemodels", "digits", NAMESPACE)
+                if v.get("status", {}).get("observedGeneration") == generation
+            )  # fmt: skip
+            assert is_true({"status": first}, "Reconciling"), first
+            assert condition({"status": first}, "Ready")["status"] == "False"  # type: ignore[index]
+            assert condition({"status": first}, "Ready")["reason"] == "Progressing"  # type: ignore[index]
+            assert str(generation) not in variants({"status": first}).values()
 
         # A DeviceClass change re-plans the models that target it, and only their builds for it.
         server.patch("deviceclasses", "cpu-b", {"spec": {"cpu": {"cores": 8}}})

@@ -241,6 +241,25 @@ class KubeApiServer:
 
         return self._call(read)
 
+    def versions(self, resource: str, name: str, namespace: str | None = None) -> builtins.list[JsonObject]:
+        """Every stored version of an object still in the change history, oldest first, as served.
+
+        For tests that check the order of writes (a status acknowledged before the work it describes).
+        """
+        rtype = self.resource(resource)
+        where = (namespace or "") if rtype.namespaced else ""
+
+        def read() -> builtins.list[JsonObject]:
+            return [
+                self.store.present(rtype, event.obj)
+                for event in self.store.history
+                if event.key == rtype.key
+                and event.obj["metadata"]["name"] == name
+                and event.obj["metadata"].get("namespace", "") == where
+            ]
+
+        return self._call(read)
+
     def list(
         self,
         resource: str,
