@@ -69,6 +69,7 @@ class Site:
             status_interval=0.1,
             identity_cache_ttl=0.2,
             grace_period=0.5,
+            loop_stall_seconds=0.5,
             gc_freeze_interval=None,  # process-wide: tests run many servers in one interpreter
         )
         server = GatewayServer(config, self.store, self.folder / "pki", clock=self.clock)
@@ -202,6 +203,43 @@ async def test_enroll_then_mtls_calls_work_and_health_is_serving(site: Site, gat
             health_pb2.HealthCheckRequest(service="edgefleet.v1.FleetGateway"), timeout=10
         )
         assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.asyncio
+async def test_healthz_fails_while_the_event_loop_is_blocked_and_recovers(gateway: GatewayServer) -> None:
+    import threading
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{gateway.metrics_address}/healthz"
+
+    def probe() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    assert await asyncio.to_thread(probe) == (200, "ok\n")
+    answers: list[tuple[int, str]] = []
+    blocked = threading.Event()
+
+    def probe_while_blocked() -> None:
+        blocked.wait(5)
+        time.sleep(1.0)  # past loop_stall_seconds (0.5 s) into the 2 s block
+        answers.append(probe())
+
+    kubelet = threading.Thread(target=probe_while_blocked)
+    kubelet.start()
+    blocked.set()
+    time.sleep(2.0)  # a handler that blocks the loop (deliberately: the probe must notice)
+    await asyncio.to_thread(kubelet.join, 10)
+    ((code, message),) = answers
+    assert code == 503
+    assert "the event loop has not run for" in message
+    await asyncio.sleep(0.1)  # the heartbeat runs again
+    assert await asyncio.to_thread(probe) == (200, "ok\n")
+    assert (await asyncio.to_thread(urllib.request.urlopen, f"http://{gateway.metrics_address}/metrics")).status == 200
 
 
 @pytest.mark.asyncio

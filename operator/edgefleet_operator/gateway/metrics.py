@@ -5,11 +5,18 @@ Two gateways in one process (tests, the benchmark) thus never share or clash ove
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from threading import Thread
-from wsgiref.simple_server import WSGIServer
+from typing import TYPE_CHECKING, Final
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+HEALTH_PATH: Final = "/healthz"
 
 RPC_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
 """Seconds; fine at the low end, where health reports live (p99 target 50 ms)."""
@@ -67,7 +74,32 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
-    def serve(self, host: str, port: int) -> tuple[WSGIServer, Thread, int]:
-        """Serve ``/metrics`` over HTTP on ``host:port`` (0 picks a port) in a daemon thread; also the bound port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(
+        self, host: str, port: int, health: Callable[[], str | None] | None = None
+    ) -> tuple[WSGIServer, Thread, int]:
+        """Serve ``/metrics`` over HTTP on ``host:port`` (0 picks a port) in a daemon thread; also the bound port.
+
+        With ``health``, ``/healthz`` answers 200 when it returns ``None`` and 503 with its message
+        otherwise: the liveness probe. The HTTP thread answers even when the gateway's event loop is
+        stuck, so ``health`` must look at the loop itself (see ``GatewayServer``).
+        """
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+            if health is None or environ.get("PATH_INFO") != HEALTH_PATH:
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            problem = health()
+            start_response("200 OK" if problem is None else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [(problem or "ok").encode() + b"\n"]
+
+        server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        thread = Thread(target=server.serve_forever, name="gateway-metrics", daemon=True)
+        thread.start()
         return server, thread, int(server.server_address[1])
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape or probe."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass

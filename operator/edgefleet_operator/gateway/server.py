@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -45,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME: Final = fleet_pb2.DESCRIPTOR.services_by_name["FleetGateway"].full_name
 _REPLICA_ID: Final = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+HEARTBEAT_S: Final = 1.0
+"""How often the event loop proves it still runs tasks (for ``/healthz``)."""
+LOOP_STALL_S: Final = 15.0
+"""A loop that has not run the heartbeat for this long is stuck: ``/healthz`` fails and the kubelet restarts it.
+Well above a full garbage collection of a gateway with thousands of connections (under a second)."""
 
 
 class GatewayConfigError(EdgeFleetError):
@@ -81,6 +87,8 @@ class GatewayConfig:
     """Seconds between full collections that reclaim what freezing kept (bounds memory)."""
     grace_period: float = 5.0
     """Seconds in-flight calls get to finish on shutdown before they are cancelled."""
+    loop_stall_seconds: float = LOOP_STALL_S
+    """``/healthz`` on the metrics port fails once the event loop has not run its heartbeat for this long."""
     tuf_prefix: str = "tuf/"
     """Store prefix of the TUF repository (what ``edgefleet publish --store`` writes)."""
     fleet_prefix: str = "fleet/"
@@ -142,6 +150,9 @@ class GatewayServer:
         self._flusher: asyncio.Task[None] | None = None
         self._collector: asyncio.Task[None] | None = None
         self._metrics_http: tuple[WSGIServer, Thread] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._last_beat = time.monotonic()
+        self._stopping = False
         self.fleet_address = ""
         """``HOST:PORT`` the fleet port is bound to (the real port), once started."""
         self.enroll_address = ""
@@ -185,6 +196,7 @@ class GatewayServer:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._flusher = asyncio.create_task(self._flush_forever(), name="health-flusher")
+        self._heartbeat = asyncio.create_task(self._beat_forever(), name="loop-heartbeat")
         if self.config.gc_freeze_interval is not None:
             self._collector = asyncio.create_task(
                 run_collector_policy(self.config.gc_freeze_interval, self.config.gc_full_interval), name="gc-policy"
@@ -192,13 +204,31 @@ class GatewayServer:
         if self.config.metrics_listen is not None:
             host, port = split_address(self.config.metrics_listen, "metrics_listen")
             try:
-                http, thread, bound = self.metrics.serve(host, port)
+                http, thread, bound = self.metrics.serve(host, port, health=self.liveness_problem)
             except OSError as e:
                 await self.stop(0)
                 raise GatewayConfigError(f"cannot serve metrics on {self.config.metrics_listen}: {e}") from e
             self._metrics_http = (http, thread)
             self.metrics_address = f"{host}:{bound}"
         logger.info("gateway listening fleet=%s enroll=%s", self.fleet_address, self.enroll_address)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            self._last_beat = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_S)
+
+    def liveness_problem(self) -> str | None:
+        """Why the gateway should be restarted, or ``None``: its event loop has stopped running tasks.
+
+        Called from the metrics thread: a gRPC port that still accepts connections (the kubelet's
+        TCP probe) says nothing about a loop blocked by a stuck call.
+        """
+        if self._stopping:
+            return None  # shutting down on purpose: let the grace period run out, not the kubelet
+        stalled = time.monotonic() - self._last_beat
+        if stalled > self.config.loop_stall_seconds:
+            return f"the event loop has not run for {stalled:.0f} s"
+        return None
 
     async def _flush_forever(self) -> None:
         while True:
@@ -211,6 +241,7 @@ class GatewayServer:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new calls, let calls finish for ``grace`` s, flush health."""
         grace = self.config.grace_period if grace is None else grace
+        self._stopping = True
         await self._health.enter_graceful_shutdown()
         stopping = None
         if self._server is not None:
@@ -226,6 +257,11 @@ class GatewayServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._collector
             self._collector = None
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -212,7 +212,7 @@ def test_the_gateway_replica_id_is_the_pod_name_and_probes_avoid_grpc() -> None:
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert args["--metrics-listen"] == ["0.0.0.0:9091"]
     assert container["readinessProbe"]["tcpSocket"] == {"port": "fleet"}
-    assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert all("grpc" not in container[p] for p in ("readinessProbe", "livenessProbe"))
     without_metrics = render({"gateway": {"metrics": {"enabled": False}}}).container("Deployment", GATEWAY, "gateway")
     assert without_metrics["livenessProbe"]["tcpSocket"] == {"port": "enroll"}
