@@ -86,7 +86,7 @@ def run(
 
     from edgefleet_agent.daemon import Agent, AgentSettings
     from edgefleet_agent.errors import AgentError
-    from edgefleet_agent.identity import read_token
+    from edgefleet_agent.identity import IdentityStore, read_token
     from edgefleet_agent.metrics import parse_listen
 
     if metrics_listen is not None:
@@ -95,7 +95,7 @@ def run(
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--metrics-listen") from e
     try:
-        secret = read_token(token, token_file)
+        secret = read_token(token, token_file, enrolled=IdentityStore(state).enrolled())
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--token/--token-file") from e
     chosen = tuple(p.strip() for p in providers.split(",") if p.strip())

@@ -375,16 +375,25 @@ def certificate_signing_request(key: ec.EllipticCurvePrivateKey, name: str) -> b
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def read_token(token: str | None, token_file: Path | None) -> str | None:
-    """The bootstrap token from ``--token`` or the first line of ``--token-file`` (not both)."""
+def read_token(token: str | None, token_file: Path | None, *, enrolled: bool = False) -> str | None:
+    """The bootstrap token from ``--token`` or the first line of ``--token-file`` (not both).
+
+    ``enrolled``: the device already has an identity, so the token is not needed, and a token file
+    that is gone or empty (a one-time systemd credential, a Secret removed after enrollment) is
+    no error.
+    """
     if token is not None and token_file is not None:
         raise ValueError("give --token or --token-file, not both")
     if token_file is not None:
+        if enrolled and not token_file.exists():
+            return None
         try:
             token = token_file.read_text().strip()
         except OSError as e:
             raise ValueError(f"cannot read the token file {token_file}: {e.strerror}") from e
         if not token:
+            if enrolled:
+                return None
             raise ValueError(f"the token file {token_file} is empty")
     return token
 

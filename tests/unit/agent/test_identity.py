@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import stat
 from collections.abc import AsyncIterator
 from functools import partial
@@ -188,6 +189,20 @@ def test_the_token_comes_from_one_place(tmp_path: Path) -> None:
         read_token(None, token_file)
     with pytest.raises(ValueError, match="cannot read"):
         read_token(None, tmp_path / "missing")
+
+
+def test_an_enrolled_device_needs_no_token_file(tmp_path: Path) -> None:
+    # systemd's LoadCredential or a Secret may hold the token only until the device has enrolled.
+    token_file = tmp_path / "token"
+    assert read_token(None, tmp_path / "missing", enrolled=True) is None
+    token_file.write_text("\n")
+    assert read_token(None, token_file, enrolled=True) is None
+    token_file.write_text(f"{TOKEN}\n")
+    assert read_token(None, token_file, enrolled=True) == TOKEN  # kept: a lost identity enrolls again
+    token_file.chmod(0)
+    if os.geteuid() != 0:  # root reads any file
+        with pytest.raises(ValueError, match="cannot read"):
+            read_token(None, token_file, enrolled=True)
 
 
 def _enrolled_identity(tmp_path: Path, pki: FleetPki) -> tuple[IdentityStore, DeviceIdentity]:
