@@ -68,8 +68,13 @@ def run(
         bool, typer.Option("--standalone", help="Run without peering (a single replica, or a test).")
     ] = False,
     priority: Annotated[
-        int, typer.Option("--priority", help="Peering priority: the highest live replica acts; give each its own.")
-    ] = 0,
+        int | None,
+        typer.Option(
+            "--priority",
+            help="Peering priority: the highest live replica acts. Default: one derived from --identity, so "
+            "replicas of one Deployment differ (equal priorities would all pause).",
+        ),
+    ] = None,
     identity: Annotated[
         str | None, typer.Option("--identity", help="This replica's name among its peers; default host@pid.")
     ] = None,
@@ -142,7 +147,7 @@ def run(
     """Run the operator until SIGTERM or SIGINT. S3 credentials come from AWS_ACCESS_KEY_ID and
     AWS_SECRET_ACCESS_KEY (or MINIO_ACCESS_KEY and MINIO_SECRET_KEY)."""
     from edgefleet_operator.jobs.manifest import JobSettings
-    from edgefleet_operator.kopf_app import KopfSettings, default_identity
+    from edgefleet_operator.kopf_app import KopfSettings, default_identity, identity_priority
     from edgefleet_operator.runtime import OperatorSettings, S3Options
 
     if bool(namespace) == all_namespaces:
@@ -181,15 +186,16 @@ def run(
             build_mode="jobs" if build_mode == "jobs" else "pool",
             jobs=jobs,
         )
+        name = identity or default_identity()
         kopf_settings = KopfSettings(
             server=server,
             namespaces=tuple(namespace or ()),
             peering=peering,
-            priority=priority,
+            priority=identity_priority(name) if priority is None else priority,
             resync_seconds=resync_seconds,
             liveness=liveness,
             metrics_listen=metrics_listen,
-            identity=identity or default_identity(),
+            identity=name,
         )
     except (EdgeFleetError, ValueError) as exc:
         raise _fail(str(exc)) from None

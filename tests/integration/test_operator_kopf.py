@@ -32,7 +32,7 @@ from edgefleet_core.optimize.model_io import serialize
 from edgefleet_core.signing import KeySet
 from edgefleet_core.store.local import LocalStore
 from edgefleet_operator.fleet.state import FleetState
-from edgefleet_operator.kopf_app import FINALIZER, KopfSettings, serve
+from edgefleet_operator.kopf_app import FINALIZER, KopfSettings, identity_priority, serve
 from edgefleet_operator.operator_cli import READY_LINE, app
 from edgefleet_operator.runtime import OperatorSettings
 from edgefleet_proto.v1 import inference_pb2, inference_pb2_grpc
@@ -447,17 +447,22 @@ def test_two_replicas_with_peering_only_one_acts_and_the_other_takes_over(site: 
         server.create(device_class("cpu-a"))
         common = operator_args(site, server.url, "-A", "--peering", "edgefleet")
         logs = tmp_path / "logs"
-        high = start_operator("replica-high", logs, *common, "--priority", "20", "--identity", "replica-high")
-        low = start_operator("replica-low", logs, *common, "--priority", "10", "--identity", "replica-low")
+        # Two pods of one Deployment: the same flags, no --priority; only their names differ, and
+        # the priority each derives from its name must differ (equal ones would all pause).
+        pods = sorted(("edgefleet-operator-5d8c7-x2kqf", "edgefleet-operator-5d8c7-m9zt4"), key=identity_priority)
+        low_name, high_name = pods
+        assert identity_priority(low_name) < identity_priority(high_name)
+        high = start_operator("replica-high", logs, *common, "--identity", high_name)
+        low = start_operator("replica-low", logs, *common, "--identity", low_name)
         # A replica with a mandatory peering starts paused; the highest live one resumes.
         poll("the high-priority replica to act", lambda: "Resuming operations" in high.output())
-        poll("both replicas in the peering", lambda: {"replica-high", "replica-low"} <= _peers(server))
+        poll("both replicas in the peering", lambda: set(pods) <= _peers(server))
         assert "Resuming operations" not in low.output()
 
         src = source(tmp_path, 1)
         server.create(edge_model("digits", src, ["cpu-a"]))
         server.wait_for("edgemodels", "digits", lambda o: variants(o) == {"cpu-a": "1"}, NAMESPACE, timeout=60)
-        assert _writers(server) == {"replica-high"}
+        assert _writers(server) == {high_name}
 
         # The active replica goes away: the other resumes and serves the next change.
         assert high.terminate() == 0, high.output()[-3000:]
@@ -467,7 +472,7 @@ def test_two_replicas_with_peering_only_one_acts_and_the_other_takes_over(site: 
         server.patch("edgemodels", "digits", {"spec": {"source": {"uri": second.uri, "sha256": second.sha256}}},
                      namespace=NAMESPACE)  # fmt: skip
         server.wait_for("edgemodels", "digits", lambda o: variants(o) == {"cpu-a": "2"}, NAMESPACE, timeout=60)
-        assert _writers(server) == {"replica-low"}
+        assert _writers(server) == {low_name}
         low.terminate()  # kopf may log an AssertionError as a formerly paused replica stops: its exit code is kopf's
 
 
