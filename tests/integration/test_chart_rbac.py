@@ -11,13 +11,8 @@ operator's ServiceAccount (as RBAC would evaluate it), and every granted verb mu
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +23,9 @@ import yaml
 from edgefleet_core.optimize.model_io import serialize
 from edgefleet_core.signing import KeySet
 from edgefleet_operator.devtools.kube_api import AuditRecord
-from edgefleet_operator.operator_cli import READY_LINE
-from tests.support.fleet import wait_for
 from tests.support.kube_api import KubeApiServer
 from tests.support.kubelet import Kubelet
+from tests.support.operator_process import device_class, edge_model, running_operator
 from tests.support.tiny_models import tiny_cnn
 
 helm_python = pytest.importorskip("helm_python")  # a dev dependency; skipped only outside `make test`
@@ -43,7 +37,6 @@ CHART = ROOT / "helm" / "edgefleet"
 RELEASE, RELEASE_NAMESPACE = "edgefleet", "edgefleet-system"
 MODELS = "vision"
 JsonObject = dict[str, Any]
-GRAPH_ONLY: JsonObject = {"passes": [{"type": "GraphOptimization"}]}
 DISCOVERY_PREFIXES = ("/api", "/apis", "/version", "/openapi")
 """Non-resource URLs every authenticated user may GET (the built-in system:discovery ClusterRole)."""
 
@@ -166,53 +159,9 @@ def local_args(chart_args: list[str], *, store: Path, keys: Path, server: str) -
 # --------------------------------------------------------------------------------- the scenario
 
 
-def device_class(name: str) -> JsonObject:
-    return {
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "DeviceClass",
-        "metadata": {"name": name},
-        "spec": {"cpu": {"arch": "x86_64", "cores": 4}, "memory": "1Gi", "precisions": ["fp32"],
-                 "selector": {"matchLabels": {"edgefleet.io/class": name}}},
-    }  # fmt: skip
-
-
-def edge_model(name: str, uri: str, sha256: str, classes: list[str]) -> JsonObject:
-    return {
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "EdgeModel",
-        "metadata": {"name": name, "namespace": MODELS},
-        "spec": {"source": {"uri": uri, "sha256": sha256}, "targets": {"deviceClasses": classes},
-                 "optimization": {"recipe": GRAPH_ONLY}},
-    }  # fmt: skip
-
-
 def condition(obj: JsonObject, kind: str) -> str:
     found: JsonObject = next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
     return str(found.get("status", ""))
-
-
-@contextlib.contextmanager
-def operator_process(args: list[str], log: Path) -> Iterator[None]:
-    with log.open("wb") as out:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet_operator.operator_cli", "run", *args],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    try:
-
-        def ready() -> bool:
-            assert popen.poll() is None, log.read_text(errors="replace")
-            return READY_LINE in log.read_text(errors="replace")
-
-        wait_for("the operator to get ready", ready, timeout=60)
-        yield
-    finally:
-        popen.terminate()
-        try:
-            popen.wait(30)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(10)
 
 
 def chart_crds() -> list[JsonObject]:
@@ -243,9 +192,9 @@ def run_scenario(docs: list[JsonObject], tmp_path: Path, jobs_namespace: str) ->
         # The digits model's first Job never starts, as with an image that does not pull: the
         # operator deletes the failed Job and builds again.
         kubelet = Kubelet(server, logs, jobs_namespace, never_start_once={"digits"})
-        with operator_process(args, logs / "operator.log"), kubelet:
-            server.create(edge_model("digits", uri, digest, ["cpu-a"]))
-            server.create(edge_model("wrong-digest", uri, "0" * 64, ["cpu-a"]))  # its Job fails: deleted
+        with running_operator(args, logs / "operator.log"), kubelet:
+            server.create(edge_model("digits", MODELS, uri, digest, ["cpu-a"]))
+            server.create(edge_model("wrong-digest", MODELS, uri, "0" * 64, ["cpu-a"]))  # its Job fails: deleted
             server.wait_for("edgemodels", "digits", lambda o: condition(o, "Published") == "True", MODELS, timeout=90)
             server.wait_for("edgemodels", "wrong-digest", lambda o: condition(o, "Stalled") == "True", MODELS, 90)
             model = server.get("edgemodels", "digits", MODELS)

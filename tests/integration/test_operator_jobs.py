@@ -8,12 +8,8 @@ by polling; nothing sleeps a fixed time.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +20,10 @@ from edgefleet_core.optimize.model_io import serialize
 from edgefleet_core.signing import KeySet
 from edgefleet_core.store.local import LocalStore
 from edgefleet_operator.jobs.manifest import EXIT_REFUSED, MODEL_LABEL
-from edgefleet_operator.operator_cli import READY_LINE
 from tests.support.fleet import wait_for
 from tests.support.kube_api import KubeApiServer, kube_api_server
 from tests.support.kubelet import Kubelet
+from tests.support.operator_process import device_class, edge_model, running_operator
 from tests.support.tiny_models import tiny_cnn
 
 pytestmark = pytest.mark.integration
@@ -48,53 +44,13 @@ def variants(obj: JsonObject) -> dict[str, str]:
     return {v["deviceClass"]: v["version"] for v in obj.get("status", {}).get("variants", [])}
 
 
-def device_class(name: str) -> JsonObject:
-    return {
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "DeviceClass",
-        "metadata": {"name": name},
-        "spec": {"cpu": {"arch": "x86_64", "cores": 4}, "memory": "1Gi", "precisions": ["fp32"],
-                 "selector": {"matchLabels": {"edgefleet.io/class": name}}},
-    }  # fmt: skip
-
-
-def edge_model(name: str, uri: str, sha256: str, classes: list[str]) -> JsonObject:
-    return {
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "EdgeModel",
-        "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {"source": {"uri": uri, "sha256": sha256}, "targets": {"deviceClasses": classes},
-                 "optimization": {"recipe": GRAPH_ONLY}},
-    }  # fmt: skip
-
-
-@contextlib.contextmanager
-def operator(server: KubeApiServer, store: Path, keys: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def operator(server: KubeApiServer, store: Path, keys: Path, log: Path) -> AbstractContextManager[object]:
     """``edgefleet operator run --build-mode jobs`` as a process, once it says it is ready."""
     args = [
-        "run", "--store", store.as_uri(), "--keys", str(keys), "--server", server.url, "-A", "--standalone",
+        "--store", store.as_uri(), "--keys", str(keys), "--server", server.url, "-A", "--standalone",
         "--build-mode", "jobs", "--job-image", "edgefleet:test", "--job-poll-seconds", "0.5",
     ]  # fmt: skip
-    with log.open("wb") as out:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet_operator.operator_cli", *args],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    try:
-
-        def ready() -> bool:
-            assert popen.poll() is None, log.read_text(errors="replace")
-            return READY_LINE in log.read_text(errors="replace")
-
-        wait_for("the operator to get ready", ready, timeout=60)
-        yield popen
-    finally:
-        popen.terminate()
-        try:
-            popen.wait(30)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(10)
+    return running_operator(args, log)
 
 
 def test_builds_run_as_jobs_publish_stall_and_go_with_their_model(
@@ -113,8 +69,8 @@ def test_builds_run_as_jobs_publish_stall_and_go_with_their_model(
     with operator(server, store, keys, logs / "operator.log"), Kubelet(server, logs, NAMESPACE) as kubelet:
         for name in ("cpu-a", "cpu-b"):
             server.create(device_class(name))
-        server.create(edge_model("digits", uri, digest, ["cpu-a", "cpu-b"]))
-        server.create(edge_model("wrong-digest", uri, "0" * 64, ["cpu-a"]))
+        server.create(edge_model("digits", NAMESPACE, uri, digest, ["cpu-a", "cpu-b"]))
+        server.create(edge_model("wrong-digest", NAMESPACE, uri, "0" * 64, ["cpu-a"]))
 
         ready = server.wait_for(
             "edgemodels", "digits",
