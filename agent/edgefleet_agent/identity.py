@@ -384,6 +384,11 @@ def read_token(token: str | None, token_file: Path | None, *, enrolled: bool = F
     """
     if token is not None and token_file is not None:
         raise ValueError("give --token or --token-file, not both")
+    if token is not None:
+        # A token from a Secret made with --from-file (or `echo` into an env file) carries a newline.
+        token = token.strip() or None
+        if token is None and not enrolled:
+            raise ValueError("the token given is empty")
     if token_file is not None:
         if enrolled and not token_file.exists():
             return None

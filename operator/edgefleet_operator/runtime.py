@@ -170,7 +170,7 @@ def prepare_repository(publisher: Publisher, keys: KeySet, *, initialize: bool) 
         why = "the keys hold only the online roles" if keys.online_only else "initializing is turned off"
         raise RuntimeSetupError(
             f"the store has no TUF repository yet and {why}: initialize it once with the root keys "
-            "(`edgefleet keys init DIR`, then `edgefleet publish ... --keys DIR` creates it)"
+            "(`edgefleet keys root --store URL --keys DIR --out root.json`, DIR from `edgefleet keys init`)"
         )
     return publisher.trusted_root()
 

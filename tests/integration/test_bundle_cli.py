@@ -253,3 +253,22 @@ def test_publish_names_the_file_names_a_device_loads(tmp_path: Path, names: list
     assert code == 1
     assert "model.onnx, or head.onnx and tail.onnx" in output
     assert not (tmp_path / "store").exists()
+
+
+def test_keys_commands_reach_s3_through_their_options_alone(s3_server: S3Server, tmp_path: Path) -> None:
+    """No AWS_* environment: --endpoint, --access-key, --secret-key and --region say it all."""
+    bucket = f"keys-{uuid.uuid4().hex[:16]}"
+    minio_client(s3_server.endpoint, access_key=s3_server.access_key, secret_key=s3_server.secret_key,
+                 secure=False, region=s3_server.region).make_bucket(bucket)  # fmt: skip
+    s3 = ["--endpoint", s3_server.url, "--access-key", s3_server.access_key, "--secret-key", s3_server.secret_key,
+          "--region", s3_server.region]  # fmt: skip
+    store, old, new = f"s3://{bucket}/fleet", tmp_path / "old", tmp_path / "new"
+    cli("keys", "init", str(old))
+    cli("keys", "init", str(new))
+    code, output = cli("keys", "root", "--store", store, "--keys", str(old), "--out", str(tmp_path / "root.json"), *s3)
+    assert code == 0, output
+    code, output = cli("keys", "refresh", "--store", store, "--keys", str(old), *s3)
+    assert code == 0, output
+    code, output = cli("keys", "rotate", "--store", store, "--keys", str(old), "--new-keys", str(new), *s3)
+    assert code == 0, output
+    assert "root is now version 2" in output

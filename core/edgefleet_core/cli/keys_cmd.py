@@ -116,9 +116,13 @@ def root(
 
 @app.command()
 def rotate(
-    store: Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket or s3://bucket/prefix.")],
+    store: Store,
     keys: Annotated[Path, typer.Option("--keys", help="The key folder the repository is signed with now.")],
     new_keys: Annotated[Path, typer.Option("--new-keys", help="A key folder from `keys init` to rotate to.")],
+    endpoint: Endpoint = None,
+    access_key: AccessKey = None,
+    secret_key: SecretKey = None,
+    region: Region = None,
 ) -> None:
     """Rotate the repository's keys: a new root signed by the old and new root keys (TUF rotation)."""
     from edgefleet_core.signing.keys import KeySet
@@ -126,7 +130,8 @@ def rotate(
     from edgefleet_core.store.url import open_store
 
     try:
-        repository = TufRepository(open_store(store), KeySet.load(keys))
+        artifacts = open_store(store, endpoint=endpoint, access_key=access_key, secret_key=secret_key, region=region)
+        repository = TufRepository(artifacts, KeySet.load(keys))
         versions = repository.rotate_root(KeySet.load(new_keys))
     except EdgeFleetError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -136,8 +141,12 @@ def rotate(
 
 @app.command()
 def refresh(
-    store: Annotated[str, typer.Option("--store", help="file:///absolute/path or s3://bucket or s3://bucket/prefix.")],
+    store: Store,
     keys: Annotated[Path, typer.Option("--keys", help="Key folder (the online keys are enough).")],
+    endpoint: Endpoint = None,
+    access_key: AccessKey = None,
+    secret_key: SecretKey = None,
+    region: Region = None,
 ) -> None:
     """Re-sign the timestamp (and the snapshot when due): run at least daily, the timestamp expires after a day."""
     from edgefleet_core.signing.keys import KeySet
@@ -145,7 +154,8 @@ def refresh(
     from edgefleet_core.store.url import open_store
 
     try:
-        versions = TufRepository(open_store(store), KeySet.load(keys)).refresh_timestamp()
+        artifacts = open_store(store, endpoint=endpoint, access_key=access_key, secret_key=secret_key, region=region)
+        versions = TufRepository(artifacts, KeySet.load(keys)).refresh_timestamp()
     except EdgeFleetError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None

@@ -181,6 +181,10 @@ def test_the_token_comes_from_one_place(tmp_path: Path) -> None:
     token_file.write_text(f"{TOKEN}\n")
     assert read_token(None, token_file) == TOKEN
     assert read_token(TOKEN, None) == TOKEN
+    assert read_token(f"{TOKEN}\n", None) == TOKEN  # from a Secret made with --from-file
+    with pytest.raises(ValueError, match="empty"):
+        read_token(" \n", None)
+    assert read_token(" \n", None, enrolled=True) is None
     assert read_token(None, None) is None
     with pytest.raises(ValueError, match="not both"):
         read_token(TOKEN, token_file)
