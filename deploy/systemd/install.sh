@@ -95,6 +95,9 @@ ln -sfn "$release" "$PREFIX/current.new" && mv -T "$PREFIX/current.new" "$PREFIX
 install -m 0644 "$HERE/edgefleet-agent.service" "$UNIT"
 $SYSTEMCTL daemon-reload
 $SYSTEMCTL enable edgefleet-agent >/dev/null
+# time-sync.target waits for a real clock sync only with this service on: a board without a
+# battery-backed clock would otherwise start with a wrong time and refuse every certificate.
+$SYSTEMCTL enable systemd-time-wait-sync.service >/dev/null 2>&1 || true
 if [ "$start" = yes ]; then
     $SYSTEMCTL restart edgefleet-agent
     echo "install.sh: started; follow it with: journalctl -u edgefleet-agent -f" >&2

@@ -246,6 +246,9 @@ get no token either way), unless serviceAccount.create is false and `name` exist
 {{- if and (not $creds.existingSecret) (not (and $creds.accessKeyId $creds.secretAccessKey)) }}
 {{- fail "store.credentials: set existingSecret, or both accessKeyId and secretAccessKey" }}
 {{- end }}
+{{- if and (eq .Values.operator.buildMode "jobs") (not $creds.existingSecret) .Values.operator.watch.allNamespaces (not .Values.operator.jobs.namespace) }}
+{{- fail "operator.jobs.namespace: set it when buildMode is jobs, every namespace is served and the chart creates the S3 credentials: the Jobs read them from a Secret in their own namespace, and the chart cannot create one in every namespace" }}
+{{- end }}
 {{- if and .Values.minio.enabled .Values.store.endpoint }}
 {{- fail "store.endpoint must be empty with minio.enabled: the operator and gateway use the bundled MinIO" }}
 {{- end }}

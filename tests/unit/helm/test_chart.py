@@ -326,7 +326,7 @@ def test_notes_tell_what_to_apply_next() -> None:
         "edgefleet gateway pki secret",
         "edgefleet keys root",
         "kubectl apply -f examples/deviceclass-edge-cpu.yaml",
-        "edgemodel-digits.yaml",
+        "11. First model",  # where an EdgeModel with a source in the store comes from
         "edgefleet gateway token create",
         "pod-security.kubernetes.io/enforce=restricted",
         "agents.enabled=true",
@@ -351,3 +351,13 @@ def test_the_dashboard_ships_in_a_configmap_for_grafana() -> None:
     configmap = rendered.one("ConfigMap", "ef-edgefleet-dashboard", "monitoring")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert configmap["data"]["edgefleet.json"] == DASHBOARD.read_text(encoding="utf-8")
+
+
+def test_jobs_everywhere_with_chart_made_credentials_is_refused_naming_the_fix() -> None:
+    made = {"store": {"credentials": {"existingSecret": "", "accessKeyId": "a", "secretAccessKey": "b"}}}
+    with pytest.raises(helm_python.HelmRenderError, match=r"operator\.jobs\.namespace: set it"):
+        render({**made, "operator": {"buildMode": "jobs"}})
+    # With the Jobs in one namespace the chart puts the credentials there too.
+    rendered = render({**made, "operator": {"buildMode": "jobs", "jobs": {"namespace": "builds"}}})
+    secrets = [d for d in rendered.documents if d["kind"] == "Secret" and "s3" in d["metadata"]["name"]]
+    assert {s["metadata"]["namespace"] for s in secrets} == {NAMESPACE, "builds"}

@@ -222,8 +222,8 @@ def test_the_gateway_service_exposes_fleet_and_enrollment_only() -> None:
     service = render(CASES["ha-replicas"]).one("Service", GATEWAY)
     assert service["spec"]["type"] == "NodePort"
     assert {p["name"]: (p["port"], p.get("nodePort")) for p in service["spec"]["ports"]} == {
-        "grpc-fleet": (7443, 30743),
-        "grpc-enroll": (7444, 30744),
+        "tls-fleet": (7443, 30743),
+        "tls-enroll": (7444, 30744),
     }
     balanced = render(CASES["agents-daemonset"]).one("Service", GATEWAY)
     assert balanced["spec"]["type"] == "LoadBalancer"
@@ -280,8 +280,9 @@ def test_the_bundled_minio_is_wired_in_automatically() -> None:
         assert env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["name"] == "ef-edgefleet-s3-credentials"
     root = _env(pod_spec(minio)["containers"][0])
     assert root["MINIO_ROOT_PASSWORD"]["secretKeyRef"]["name"] == "ef-edgefleet-s3-credentials"
-    bucket = rendered.one("Job", "ef-edgefleet-minio-bucket")
-    assert "post-install" in bucket["metadata"]["annotations"]["helm.sh/hook"]
+    bucket = rendered.one("Job", "ef-edgefleet-minio-bucket-1")
+    # Not a hook: hooks wait for every resource to be ready, and the operator waits for the bucket.
+    assert not any(key.startswith("helm.sh/hook") for key in bucket["metadata"].get("annotations", {}))
     policy = rendered.one("NetworkPolicy", "ef-edgefleet-minio")
     assert [p["port"] for p in policy["spec"]["ingress"][0]["ports"]] == ["s3"]
 
