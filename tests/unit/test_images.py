@@ -24,6 +24,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from edgefleet_agent.cli import app as agent_app
+from tests.support.requirements import NOT_INSTALLED_ON_LINUX, pinned
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"operator": ROOT / "operator" / "Dockerfile", "agent": ROOT / "agent" / "Dockerfile"}
@@ -34,7 +35,6 @@ ENV_TEMPLATE = ROOT / "deploy" / "systemd" / "agent.env"
 PINNED_BASE = re.compile(r"^[a-z0-9./-]+:\d+\.\d+\.\d+-[a-z0-9.-]+@sha256:[0-9a-f]{64}$")
 """``name:MAJOR.MINOR.PATCH-variant@sha256:<64 hex>``: a full version tag and a digest."""
 BUILD_TOOLS = re.compile(r"\b(pip|pip3|apt-get|apt|apk|gcc|cc|make|build-essential|setuptools|wheel|compileall)\b")
-NOT_INSTALLED_ON_LINUX = {"colorama"}
 
 
 @dataclass
@@ -270,22 +270,9 @@ def test_dockerignore_matching_follows_docker_semantics() -> None:
 # ------------------------------------------------------------------------------------------------ requirements
 
 
-def pins(path: Path) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line:
-            name, sep, version = line.partition("==")
-            assert sep, f"{path.name}: {raw!r} is not pinned with =="
-            assert version, f"{path.name}: {raw!r}"
-            assert not re.search(r"[<>=!~;\[ ]", name + version), f"{path.name}: {raw!r} is not name==version"
-            found[canonicalize_name(name)] = version
-    return found
-
-
 @pytest.mark.parametrize("image", sorted(REQUIREMENTS))
 def test_the_pinned_lists_are_complete_closures(image: str) -> None:
-    listed = pins(REQUIREMENTS[image])
+    listed = pinned(REQUIREMENTS[image])
     assert "edgefleet" not in listed
     missing: list[str] = []
     for name in listed:
@@ -319,12 +306,12 @@ def closure(roots: set[str]) -> set[str]:
 
 
 def test_the_operator_image_holds_exactly_edgefleets_runtime_closure_and_no_extra() -> None:
-    listed = pins(REQUIREMENTS["operator"])
+    listed = pinned(REQUIREMENTS["operator"])
     runtime = closure({"edgefleet"}) - {"edgefleet"}
     # Neither the `train` extra (torch) nor the dev tools, and nothing edgefleet does not need.
     assert set(listed) == runtime, {"missing": runtime - set(listed), "not needed": set(listed) - runtime}
     assert "torch" not in listed
-    agent = pins(REQUIREMENTS["agent"])
+    agent = pinned(REQUIREMENTS["agent"])
     assert set(agent) < set(listed)
     # One set of versions: the agent runs what the operator's build Jobs produced bundles with.
     assert {n: agent[n] for n in agent} == {n: listed[n] for n in agent}
