@@ -298,6 +298,17 @@ def test_network_policies_admit_devices_and_restrict_egress() -> None:
     assert egress_ports == {53, 9000, 443, 6443}
     assert {p["port"] for rule in operator["spec"]["ingress"] for p in rule["ports"]} == {"metrics"}
 
+    # Sources outside the store (https:// model URIs) get a rule only when their peers are named.
+    assert not any(r.get("to") == [{"ipBlock": {"cidr": "203.0.113.0/24"}}] for r in operator["spec"]["egress"])
+    sources = {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}], "ports": [{"port": 8443, "protocol": "TCP"}]}
+    values = {**CASES["bundled-minio"]}
+    values["networkPolicy"] = {
+        **values["networkPolicy"],
+        "egress": {**values["networkPolicy"]["egress"], "sources": sources},
+    }
+    operator = render(values).one("NetworkPolicy", OPERATOR)
+    assert {"ports": sources["ports"], "to": sources["to"]} in operator["spec"]["egress"]
+
 
 # ---------------------------------------------------------------------------------- agents
 
