@@ -19,12 +19,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from edgefleet_core.bundle.publisher import Publisher
 from edgefleet_core.errors import EdgeFleetError
@@ -302,6 +302,14 @@ class ControlPlane:
             self._on_apply(outcome)
 
     # ------------------------------------------------------------------ reconciling
+
+    def build_summary(self, namespace: str, model: str, device_class: str) -> Mapping[str, Any] | None:
+        """The newest build's summary for a class of a model (see ``EdgeModelReconciler.build_summary``)."""
+        for reconciler in list(self._reconcilers.values()):
+            found = reconciler.build_summary(namespace, model, device_class)
+            if found is not None:
+                return found
+        return None
 
     def _reconciler(self, folder: Path | None, pool: ThreadPoolExecutor) -> EdgeModelReconciler:
         """The reconciler whose relative sources resolve in ``folder`` (one per folder, sharing the pool)."""

@@ -24,11 +24,11 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, Literal, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 from edgefleet_core.bundle.distribution import BundleRef, version_key
 from edgefleet_core.bundle.publisher import PublishedVariant, Publisher
@@ -310,6 +310,8 @@ class EdgeModelReconciler:
         self._fleet_lock = threading.Lock()
         self._failures: dict[tuple[str, str], int] = {}
         self._failures_lock = threading.Lock()
+        self._builds: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+        """(namespace, model, class) → the summary of the newest build this reconciler made or received."""
 
     # ------------------------------------------------------------------------------ reconcile
 
@@ -477,6 +479,7 @@ class EdgeModelReconciler:
                 if isinstance(seconds, int | float):
                     self.metrics.build_finished(namespace, name, work.name, "built", float(seconds))
                 self.metrics.build_summary(variant.summary)
+                self._builds[(namespace, name, work.name)] = variant.summary
             case Failed(SpecError() as refused):
                 work.problem = refused
                 self._memo.remember_refused((namespace, name, work.name, work.key), refused)
@@ -564,6 +567,7 @@ class EdgeModelReconciler:
             work.built = timed.built
             if timed.built is not None:
                 self.metrics.build_summary(timed.built.summary)
+                self._builds[(namespace, name, work.name)] = timed.built.summary
         except SpecError as exc:
             work.problem = exc
             # The pipeline is deterministic in its inputs: the same key would be refused again.
@@ -718,6 +722,13 @@ class EdgeModelReconciler:
 
     # ------------------------------------------------------------------------------ finalize
 
+    def build_summary(self, namespace: str, model: str, device_class: str) -> Mapping[str, Any] | None:
+        """The newest build's summary (passes, candidates and their figures) for a class of a model.
+
+        Only builds this reconciler ran or received from a Job; an adopted build has none here.
+        """
+        return self._builds.get((namespace, model, device_class))
+
     def finalize(self, model: EdgeModel) -> ReconcileResult:
         """Before the EdgeModel goes: every device holding it gets a ``remove`` assignment, and with
         ``artifactPolicy: Delete`` its bundles leave the repository.
@@ -726,6 +737,8 @@ class EdgeModelReconciler:
         nothing). Store and fleet errors pass through: the finalizer stays until a call returns.
         """
         namespace, name = _identity(model)
+        for key in [k for k in list(self._builds) if k[:2] == (namespace, name)]:
+            self._builds.pop(key, None)
         now = self._clock()
         events: list[Event] = []
         holders: dict[str, list[str]] = {}

@@ -29,6 +29,7 @@ from edgefleet_core.bundle.publisher import PublishedVariant
 from edgefleet_core.bundle.selftest import SelfTest, make_self_test
 from edgefleet_core.errors import BundleError, DataError, ModelError, OptimizationError
 from edgefleet_core.optimize.data import Dataset
+from edgefleet_core.optimize.evaluate import Evaluation
 from edgefleet_core.optimize.lineage import VariantCache
 from edgefleet_core.optimize.model_io import LoadedModel, serialize
 from edgefleet_core.optimize.passes.base import Trainer
@@ -157,6 +158,8 @@ def build_variant(
         ],
         # Every candidate's passes with their times: the operator's per-pass metrics come from here,
         # so a build that ran in a Job reports them as one that ran in the operator does.
+        # The figures behind the choice, so a report can plot the trade-off (the FP32 model too).
+        "baseline": _figures(result.baseline),
         "candidates": [
             {
                 "name": c.name,
@@ -165,6 +168,7 @@ def build_variant(
                 "rejection": c.rejection,
                 "cacheHit": c.cache_hit,
                 "passes": [{"type": r.type, "status": r.status, "seconds": r.seconds} for r in c.passes],
+                **(_figures(c.evaluation) if c.evaluation is not None else {}),
             }
             for c in result.candidates
         ],
@@ -285,6 +289,15 @@ def _partition(
         logger.warning("partitioning for DeviceClass %s failed, shipping the whole model: %s", name, exc)
         return f"the planner cannot partition this model: {exc}"
     return plan, {"head.onnx": serialize(split.head), "tail.onnx": serialize(split.tail)}
+
+
+def _figures(evaluation: Evaluation) -> dict[str, float | None]:
+    """Size, metric and p50 of one evaluated model (``p50Ms`` ``None`` where not measured here)."""
+    return {
+        "sizeBytes": float(evaluation.size_bytes),
+        "accuracy": evaluation.metric_value,
+        "p50Ms": evaluation.latency.p50_ms,
+    }
 
 
 def _plan_summary(plan: PartitionPlan) -> dict[str, Any]:
