@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-dev
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-slow lint format proto proto-check clean
+.PHONY: help venv demo test test-slow lint format proto proto-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv with EdgeFleet (editable) and the dev tools
+
+DEMO_ARGS ?=
+
+demo: $(STAMP)  ## the whole chain on this machine: optimize, sign, roll out to 6 agents, serve, report
+	$(BIN)/edgefleet demo $(DEMO_ARGS)
 
 test: $(STAMP)  ## run the test suite (unit, integration, e2e; not the slow ones)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -10,7 +10,8 @@ import typer
 from edgefleet_core import __version__
 from edgefleet_core.cli import bench_cmd, bundle_cmd, keys_cmd, optimize_cmd, partition_cmd, plugins, resources_cmd
 
-PLANNED_GROUPS = "demo"
+PLANNED_GROUPS = ""
+"""Command groups announced but not in this release (comma-separated); the help says so while any are left."""
 
 
 def build_app() -> typer.Typer:
@@ -21,7 +22,7 @@ def build_app() -> typer.Typer:
             "EdgeFleet: optimize ML models per device class, sign them, roll them out in "
             "health-gated waves, and run them partitioned across CPU and accelerator."
         ),
-        epilog=f"Not yet available in this release: {PLANNED_GROUPS}.",
+        epilog=f"Not yet available in this release: {PLANNED_GROUPS}." if PLANNED_GROUPS else None,
         no_args_is_help=True,
         pretty_exceptions_enable=False,
     )
