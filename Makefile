@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-dev
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-slow lint format proto proto-check clean
+.PHONY: help venv demo test test-slow reliability fuzz lint format proto proto-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,15 @@ test: $(STAMP)  ## run the test suite (unit, integration, e2e; not the slow ones
 
 test-slow: $(STAMP)  ## run every test, the slow ones too
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+RELIABILITY_OUT ?= bench/results/reliability.json
+FUZZ_EXAMPLES   ?= 20000
+
+reliability: $(STAMP)  ## the fault, authorization and fuzz campaign with full trial counts; figures to RELIABILITY_OUT
+	EDGEFLEET_RELIABILITY=full EDGEFLEET_RELIABILITY_OUT=$(RELIABILITY_OUT) $(BIN)/python -m pytest -m reliability --timeout 1800 $(PYTEST_ARGS)
+
+fuzz: $(STAMP)  ## only the fuzz targets, FUZZ_EXAMPLES inputs each (figures to RELIABILITY_OUT)
+	EDGEFLEET_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) EDGEFLEET_RELIABILITY_OUT=$(RELIABILITY_OUT) $(BIN)/python -m pytest -m fuzz --timeout 7200 $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff, mypy (strict) and the import-linter layering contracts
 	$(BIN)/ruff check .
