@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from edgefleet_core.errors import EdgeFleetError
 
-__all__ = ["ENV", "FailpointError", "FailpointSyntaxError", "failpoint", "parse_failpoints", "reset"]
+__all__ = ["ENV", "FailpointError", "FailpointSyntaxError", "configured", "failpoint", "parse_failpoints", "reset"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,15 @@ class _Registry:
 
 
 _registry = _Registry()
+
+
+def configured() -> list[str]:
+    """Names of the configured failpoints; raises :class:`FailpointSyntaxError` at once on bad syntax.
+
+    Commands call this when they start, so a typo in the variable fails the command up front with
+    its own message instead of deep inside the first code path that hits a failpoint.
+    """
+    return sorted(_registry.load())
 
 
 def reset() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import subprocess
 import sys
@@ -92,3 +93,17 @@ def test_kill_and_exit_end_a_real_process_at_the_failpoint(action: str, code: in
     )
     assert done.returncode == code
     assert done.stdout == "before\n"
+
+
+def test_a_command_refuses_a_malformed_variable_up_front() -> None:
+    env = {**os.environ, failpoints.ENV: "agent.update.switch=explode"}
+    done = subprocess.run(
+        [sys.executable, "-m", "edgefleet_core.cli", "version"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "EDGEFLEET_FAILPOINTS: 'explode' in agent.update.switch" in done.stderr

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgefleet_core import __version__
+from edgefleet_core import __version__, failpoints
 from edgefleet_core.cli import bench_cmd, bundle_cmd, keys_cmd, optimize_cmd, partition_cmd, plugins, resources_cmd
 
 PLANNED_GROUPS = ""
@@ -37,6 +37,11 @@ def build_app() -> typer.Typer:
             level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        try:
+            failpoints.configured()
+        except failpoints.FailpointSyntaxError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
     @app.command()
     def version() -> None:
