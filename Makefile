@@ -37,10 +37,12 @@ RELIABILITY_OUT ?= bench/results/reliability.json
 FUZZ_EXAMPLES   ?= 20000
 
 reliability: $(STAMP)  ## the fault, authorization and fuzz campaign with full trial counts; figures to RELIABILITY_OUT
-	EDGEFLEET_RELIABILITY=full EDGEFLEET_RELIABILITY_OUT=$(RELIABILITY_OUT) $(BIN)/python -m pytest -m reliability --timeout 1800 $(PYTEST_ARGS)
+	EDGEFLEET_RELIABILITY=full EDGEFLEET_RELIABILITY_OUT=$(RELIABILITY_OUT) $(BIN)/python -m pytest -m reliability --timeout 1800 $(PYTEST_ARGS); \
+	status=$$?; $(BIN)/python -m tests.support.reliability_report $(RELIABILITY_OUT) RELIABILITY.md; exit $$status
 
 fuzz: $(STAMP)  ## only the fuzz targets, FUZZ_EXAMPLES inputs each (figures to RELIABILITY_OUT)
-	EDGEFLEET_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) EDGEFLEET_RELIABILITY_OUT=$(RELIABILITY_OUT) $(BIN)/python -m pytest -m fuzz --timeout 7200 $(PYTEST_ARGS)
+	EDGEFLEET_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) EDGEFLEET_RELIABILITY_OUT=$(RELIABILITY_OUT) $(BIN)/python -m pytest -m fuzz --timeout 7200 $(PYTEST_ARGS); \
+	status=$$?; $(BIN)/python -m tests.support.reliability_report $(RELIABILITY_OUT) RELIABILITY.md; exit $$status
 
 lint: $(STAMP)  ## ruff, mypy (strict) and the import-linter layering contracts
 	$(BIN)/ruff check .
