@@ -34,7 +34,8 @@ def render_machine(data: dict[str, Any]) -> str:
     machine = data.get("machine", {})
     return (
         f"Figures from `{machine.get('platform', '?')}`, {machine.get('cpus', '?')} CPUs "
-        f"({machine.get('processor', '?')}), Python {machine.get('python', '?')}; last updated {data.get('updated', '?')}."
+        f"({machine.get('processor', '?')}), Python {machine.get('python', '?')}; "
+        f"last updated {data.get('updated', '?')}."
     )
 
 
