@@ -141,6 +141,85 @@ def test_external_data_range_beyond_the_file_is_refused(tmp_path: Path) -> None:
         load_model(path)
 
 
+@pytest.mark.parametrize(
+    ("offset", "length", "fragment"),
+    [
+        ("abc", "288", "offset 'abc', not a non-negative integer"),
+        ("0", "1e9", "length '1e9', not a non-negative integer"),
+        ("-4", "288", "offset '-4', not a non-negative integer"),
+    ],
+)
+def test_external_data_offsets_that_are_not_numbers_are_refused(
+    tmp_path: Path, offset: str, length: str, fragment: str
+) -> None:
+    path = _with_external(tmp_path, "weights.bin")
+    model = onnx.load_model_from_string(path.read_bytes())
+    weight = next(i for i in model.graph.initializer if i.name == "conv_w")
+    del weight.external_data[:]
+    for key, value in (("location", "weights.bin"), ("offset", offset), ("length", length)):
+        weight.external_data.add(key=key, value=value)
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match=fragment):
+        load_model(path)
+
+
+def _relocate(path: Path, location: str) -> Path:
+    """The model at ``path`` with its conv weight's external data location changed to ``location``."""
+    model = onnx.load_model_from_string(path.read_bytes())
+    weight = next(i for i in model.graph.initializer if i.name == "conv_w")
+    next(e for e in weight.external_data if e.key == "location").value = location
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_external_data_location_with_a_nul_byte_is_refused(tmp_path: Path) -> None:
+    path = _relocate(_with_external(tmp_path, "weights.bin"), "weights.bin\x00.txt")
+    with pytest.raises(ModelError, match="points outside the model's folder"):
+        load_model(path)  # Path("a\x00b").stat() would raise ValueError: never reached
+
+
+def test_external_data_through_a_symlinked_folder_is_refused_even_inside(tmp_path: Path) -> None:
+    path = _with_external(tmp_path, "weights.bin")
+    (path.parent / "real").mkdir()
+    (path.parent / "weights.bin").rename(path.parent / "real" / "weights.bin")
+    os.symlink("real", path.parent / "sub")
+    _relocate(path, "sub/weights.bin")
+    with pytest.raises(ModelError, match="symbolic link"):
+        load_model(path)
+
+
+def test_external_data_that_is_a_fifo_is_refused_without_opening_it(tmp_path: Path) -> None:
+    path = _with_external(tmp_path, "weights.bin")
+    (path.parent / "weights.bin").unlink()
+    os.mkfifo(path.parent / "weights.bin")
+    with pytest.raises(ModelError, match="not a regular file"):
+        load_model(path)  # opening the FIFO would block here
+
+
+def test_a_model_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match="not a regular file"):
+        load_model(tmp_path / "m.onnx")
+
+
+def test_tensor_dims_beyond_its_data_are_refused_naming_the_tensor(tmp_path: Path) -> None:
+    model = tiny_cnn()
+    weight = next(i for i in model.graph.initializer if i.name == "conv_w")
+    del weight.dims[:]
+    weight.dims.extend([2**40])
+    with pytest.raises(ModelError, match=r"tensor 'conv_w' has dims \[1099511627776\] \(4398046511104 bytes\)"):
+        load_model(_save(model, tmp_path / "liar.onnx"))
+
+
+def test_a_sparse_initializer_too_large_once_dense_is_refused(tmp_path: Path) -> None:
+    model = tiny_cnn()
+    values = numpy_helper.from_array(np.ones(1, np.float32), "sparse_w")
+    indices = numpy_helper.from_array(np.zeros(1, np.int64), "sparse_w_indices")
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [2**40]))
+    with pytest.raises(ModelError, match="sparse tensor 'sparse_w' has dense dims"):
+        load_model(_save(model, tmp_path / "sparse.onnx"))
+
+
 def test_write_file_atomic_replaces_whole(tmp_path: Path) -> None:
     target = tmp_path / "f.bin"
     write_file_atomic(target, b"one")
