@@ -590,6 +590,11 @@ class GatewayService:
         self._resumed: set[str] = set()  # classes whose earlier shard (same replica id) was folded in
         self._health_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        # Enroll and Renew read a token or device record, decide, and write it back: without this,
+        # two enrollments running in worker threads at once both see a single-use token unspent
+        # and both spend it (or both take one free name). Rare calls: one lock for all is enough.
+        # Between replicas the store would need a compare-and-swap write (see the issue 10 report).
+        self._enroll_lock = threading.Lock()
         self._revisions: dict[str, int] = {}  # device id -> highest assignment revision read for it
 
     @property
@@ -621,6 +626,11 @@ class GatewayService:
             _check_hardware(application.hardware)
         _check_text(application.agent_version, "agent_version", max_chars=64, pattern=_AGENT_VERSION,
                     required=False, what="a PEP 440 version")  # fmt: skip
+        with self._enroll_lock:
+            return self._enroll_checked(application)
+
+    def _enroll_checked(self, application: EnrollApplication) -> EnrollResult:
+        """:meth:`enroll` once every field is checked, the enrollment lock held."""
         try:
             token = self._fleet.check_token(application.bootstrap_token)
             name = token.device_name or application.device_name  # a pinned name wins (fleet.proto)
@@ -722,6 +732,11 @@ class GatewayService:
         certificate is refused at once here and within the identity cache time on other replicas.
         """
         _check_csr(csr_pem)
+        with self._enroll_lock:
+            return self._renew_checked(identity, csr_pem)
+
+    def _renew_checked(self, identity: DeviceIdentity, csr_pem: str) -> EnrollResult:
+        """:meth:`renew` once the CSR is checked, the enrollment lock held."""
         try:
             record = self._fleet.get_device(identity.namespace, identity.name)
         except (FleetError, StoreError) as e:

@@ -1,0 +1,76 @@
+"""Concurrent enrollments on one gateway: a single-use token is spent once, a free name is taken once.
+
+The servicer runs Enroll in worker threads, so two devices racing with one token (or for one name)
+reach the read-decide-write of the token and device records at the same time. Between replicas the
+store has no compare-and-swap yet (see RELIABILITY.md); within one process the service serializes it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+from edgefleet_core.store.local import LocalStore
+from edgefleet_operator.fleet.state import FleetState
+from edgefleet_operator.gateway.errors import GatewayError, PermissionDenied, Unauthenticated
+from edgefleet_operator.gateway.pki import FleetCA
+from edgefleet_operator.gateway.service import EnrollApplication, GatewayService
+from tests.unit.gateway.test_service import csr_pem
+
+RACERS = 8
+ROUNDS = 2
+
+
+def _race(attempts: list[Callable[[], object]]) -> tuple[int, list[GatewayError]]:
+    """Run every attempt at once; (successes, refusals)."""
+    barrier = threading.Barrier(len(attempts))
+    wins: list[object] = []
+    refusals: list[GatewayError] = []
+
+    def attempt(call: Callable[[], object]) -> None:
+        barrier.wait()
+        try:
+            wins.append(call())
+        except GatewayError as e:
+            refusals.append(e)
+
+    threads = [threading.Thread(target=attempt, args=(call,)) for call in attempts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return len(wins), refusals
+
+
+def _service(tmp_path: Path) -> tuple[GatewayService, FleetState]:
+    store = LocalStore(tmp_path / "store")
+    fleet = FleetState(store)
+    return GatewayService(fleet, store, FleetCA.create()), fleet
+
+
+def _application(token: str, name: str) -> EnrollApplication:
+    return EnrollApplication(bootstrap_token=token, csr_pem=csr_pem(), device_name=name, labels={}, hardware=None,
+                             agent_version="0.1.0")  # fmt: skip
+
+
+def test_a_single_use_token_enrolls_one_device_however_many_race_for_it(tmp_path: Path) -> None:
+    service, fleet = _service(tmp_path)
+    for round_ in range(ROUNDS):
+        token = fleet.create_token("demo", "cpu-small", ttl=timedelta(hours=1))
+        applications = [_application(token, f"cam-{round_}-{i}") for i in range(RACERS)]
+        wins, refusals = _race([partial(service.enroll, a) for a in applications])
+        assert wins == 1
+        assert all(isinstance(e, Unauthenticated) and "has been used" in str(e) for e in refusals), refusals
+    assert len(fleet.list_devices("demo")) == ROUNDS
+
+
+def test_a_free_name_is_taken_by_one_device_however_many_race_for_it(tmp_path: Path) -> None:
+    service, fleet = _service(tmp_path)
+    for round_ in range(ROUNDS):
+        tokens = [fleet.create_token("demo", "cpu-small", ttl=timedelta(hours=1)) for _ in range(RACERS)]
+        wins, refusals = _race([partial(service.enroll, _application(t, f"cam-{round_}")) for t in tokens])
+        assert wins == 1
+        assert all(isinstance(e, PermissionDenied) and "already enrolled" in str(e) for e in refusals), refusals
