@@ -75,6 +75,7 @@ FD_HEADROOM = 256
 """Descriptors a process needs beyond one per connection: store files, pipes, epoll, logs."""
 
 _READY = re.compile(r"gateway listening fleet=(\S+) enroll=(\S+)")
+_METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 _T = TypeVar("_T")
 
 
@@ -231,7 +232,16 @@ def check_fd_limits(config: GatewayBenchConfig) -> dict[str, int]:
 class Gateway:
     """``edgefleet gateway serve`` in a subprocess, its output in a log file."""
 
-    def __init__(self, workdir: Path, store: Path, pki: Path, placement: Placement, poll_interval_s: float) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        store: Path,
+        pki: Path,
+        placement: Placement,
+        poll_interval_s: float,
+        *,
+        metrics: bool = False,
+    ) -> None:
         self.log = workdir / "gateway.log"
         command = [
             sys.executable, "-m", "edgefleet_core.cli", "gateway", "serve",
@@ -239,12 +249,17 @@ class Gateway:
             "--listen", "127.0.0.1:0", "--enroll-listen", "127.0.0.1:0",
             "--poll-interval", str(poll_interval_s),
         ]  # fmt: skip
+        if metrics:
+            command += ["--metrics-listen", "127.0.0.1:0"]
         if placement.gateway is not None:
             command = ["taskset", "-c", ",".join(str(c) for c in sorted(placement.gateway)), *command]
         with open(self.log, "wb") as log:
             self.popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603
         self.process = psutil.Process(self.popen.pid)
         self.fleet_target, self.enroll_target = self._wait_ready()
+        found = _METRICS.search(self.output(tail=1 << 16)) if metrics else None
+        self.metrics_url: str | None = found.group(1) if found else None
+        """The gateway's Prometheus endpoint, when started with ``metrics``."""
 
     def output(self, tail: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-tail:] if self.log.exists() else ""

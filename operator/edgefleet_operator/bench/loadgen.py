@@ -17,7 +17,7 @@ import os
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -31,6 +31,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet_core.store.local import LocalStore
+from edgefleet_operator.bench import churn
 from edgefleet_operator.fleet import DeviceRecord, FleetState
 from edgefleet_operator.gateway.pki import FleetCA
 from edgefleet_proto.v1 import fleet_pb2, fleet_pb2_grpc
@@ -279,8 +280,8 @@ class Failed:
     message: str
 
 
-Command = Connect | Health | Calibrate | Stream | AwaitPush | Enroll | Census | Stop
-Reply = Ready | Connected | HealthDone | StreamDone | PushArrivals | Enrolled | CensusDone | Failed
+Command = Connect | Health | Calibrate | Stream | AwaitPush | Enroll | Census | churn.SoakConnect | churn.Soak | Stop
+Reply = Ready | Connected | HealthDone | StreamDone | PushArrivals | Enrolled | CensusDone | churn.SoakDone | Failed
 
 
 def serve(spec: GeneratorSpec, conn: Connection) -> None:
@@ -331,6 +332,8 @@ class _Generator:
         self._arrivals: dict[int, list[float]] = {}
         self._arrived: dict[int, asyncio.Event] = {}
         self._expected: dict[int, int] = {}
+        self._churning: churn.ChurningFleet | None = None
+        """The soak's agents (their own channels), once :class:`churn.SoakConnect` made them."""
 
     async def serve(self, conn: Connection) -> None:
         while True:
@@ -363,6 +366,12 @@ class _Generator:
                 reply = await self._enroll(command)
             case Census():
                 reply = self._census()
+            case churn.SoakConnect():
+                reply = await self._soak_connect(command)
+            case churn.Soak():
+                if self._churning is None:
+                    raise RuntimeError("Soak before SoakConnect")
+                reply = await self._churning.soak(command, _cpu_seconds)
             case _:
                 reply = Failed(f"unknown command {command!r}")
         return reply
@@ -586,6 +595,21 @@ class _Generator:
         await asyncio.gather(*(enroll(r) for r in requests))
         return Enrolled(len(latencies), failed, latencies, time.perf_counter() - started)
 
+    # -- soak (churn)
+
+    async def _soak_connect(self, command: churn.SoakConnect) -> Connected:
+        self._churning = churn.ChurningFleet(
+            self._spec.fleet_target,
+            [(a.identity.name, a.credentials) for a in self._agents],
+            self._report,
+            CHANNEL_OPTIONS,
+            RPC_TIMEOUT_S,
+        )
+        connected, failed, seconds = await self._churning.connect_all(
+            replace(command, seed=command.seed + self._spec.index)
+        )
+        return Connected(len(self._agents), connected, failed, seconds)
+
     # -- bookkeeping
 
     def _census(self) -> CensusDone:
@@ -605,6 +629,8 @@ class _Generator:
         )
 
     async def _close(self) -> None:
+        if self._churning is not None:
+            await self._churning.close()
         for agent in self._agents:
             if agent.watch is not None:
                 agent.watch.cancel()
