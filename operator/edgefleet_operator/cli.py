@@ -332,6 +332,16 @@ def serve(
             " resumes its counts after a restart; default: a random one per process.",
         ),
     ] = None,
+    health_journal: Annotated[
+        Path | None,
+        typer.Option(
+            "--health-journal",
+            metavar="DIR",
+            help="Folder where each health report is written before it is acknowledged, until it is in"
+            " the store: a killed gateway restarted with the same --replica-id loses none (the chart uses"
+            " an emptyDir). Needs --replica-id.",
+        ),
+    ] = None,
     gc_freeze_interval: Annotated[
         float,
         typer.Option(
@@ -358,6 +368,7 @@ def serve(
             identity_cache_ttl=identity_cache_ttl,
             replica_id=replica_id,
             gc_freeze_interval=gc_freeze_interval or None,
+            health_journal=health_journal,
         )
         server = GatewayServer(config, open_store(store), pki)
         asyncio.run(_serve(server))

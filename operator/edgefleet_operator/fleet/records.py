@@ -302,6 +302,9 @@ class DeviceHealthRecord(FleetRecord):
     totals: dict[str, ModelTotals]
     """Keyed by :func:`totals_key`."""
     last_install: InstallRecord | None
+    journal_seq: int = Field(default=0, ge=0)
+    """Sequence number of the last journaled report these counts include (the writing replica's
+    health journal; 0 without one): a restarted replica replays only the reports after it."""
 
     @model_validator(mode="after")
     def _consistent_keys(self) -> Self:

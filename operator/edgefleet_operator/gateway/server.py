@@ -36,6 +36,7 @@ from edgefleet_operator.fleet.state import FleetState
 from edgefleet_operator.gateway.collector import run_collector_policy
 from edgefleet_operator.gateway.hub import AssignmentHub
 from edgefleet_operator.gateway.interceptor import GatewayInterceptor
+from edgefleet_operator.gateway.journal import HealthJournal
 from edgefleet_operator.gateway.metrics import GatewayMetrics
 from edgefleet_operator.gateway.pki import FleetCA, load_pki
 from edgefleet_operator.gateway.service import GatewayService, ServicePolicy, utc_now
@@ -93,6 +94,10 @@ class GatewayConfig:
     """Store prefix of the TUF repository (what ``edgefleet publish --store`` writes)."""
     fleet_prefix: str = "fleet/"
     """Store prefix of the shared fleet state."""
+    health_journal: Path | None = None
+    """Folder of the health journal (acknowledged reports kept on disk until they are in the store,
+    see gateway/journal.py); needs ``replica_id``. ``None``: a killed gateway loses the reports it
+    acknowledged since its last health write."""
 
     def __post_init__(self) -> None:
         for name in ("poll_interval", "status_interval", "identity_cache_ttl"):
@@ -108,6 +113,10 @@ class GatewayConfig:
             )
         if self.grace_period < 0:
             raise GatewayConfigError(f"grace_period must not be negative, not {self.grace_period}")
+        if self.health_journal is not None and self.replica_id is None:
+            raise GatewayConfigError(
+                "a health journal needs a replica id (a restart must find its own journal): set --replica-id"
+            )
         for name in ("listen", "enroll_listen", "metrics_listen"):
             value = getattr(self, name)
             if value is not None:
@@ -142,7 +151,12 @@ class GatewayServer:
         self.config = config
         self._files = load_pki(pki)
         self.fleet = FleetState(store, config.fleet_prefix, clock=clock)
-        self.service = GatewayService(self.fleet, store, FleetCA.load(pki), config.policy(), clock=clock)
+        journal = None
+        if config.health_journal is not None and config.replica_id is not None:
+            journal = HealthJournal(config.health_journal, config.replica_id)
+        self.service = GatewayService(
+            self.fleet, store, FleetCA.load(pki), config.policy(), clock=clock, journal=journal
+        )
         self.hub = AssignmentHub(self.fleet, poll_interval=config.poll_interval)
         self.metrics = GatewayMetrics(connected_devices=self.hub.connected_devices)
         self._health = health.aio.HealthServicer()
@@ -162,6 +176,8 @@ class GatewayServer:
 
     async def start(self) -> None:
         """Bind both ports, start serving, polling and flushing; raises if a port cannot be bound."""
+        # Before any report is taken: what a killed process acknowledged goes back into the counts.
+        await asyncio.to_thread(self.service.recover_journal)
         server = aio.server(
             interceptors=[GatewayInterceptor(self.metrics)],
             options=[
@@ -271,7 +287,8 @@ class GatewayServer:
             written = await asyncio.to_thread(self.service.flush_health)
             logger.info("gateway stopped; wrote %d health shard(s) (replica %s)", written, self.service.replica_id)
         except (FleetError, StoreError) as e:
-            logger.warning("cannot write health records on shutdown: %s", e)
+            logger.warning("cannot write health records on shutdown (the journal keeps them, if any): %s", e)
+        self.service.close_journal()
         if self._metrics_http is not None:
             http, thread = self._metrics_http
             http.shutdown()

@@ -62,6 +62,7 @@ from edgefleet_operator.gateway.errors import (
     Unavailable,
 )
 from edgefleet_operator.gateway.hub import InstalledModel
+from edgefleet_operator.gateway.journal import HealthJournal, JournalEntry, decode_times
 from edgefleet_operator.gateway.pki import CsrRefused, DeviceIdentity, FleetCA, IssuedCertificate
 
 logger = logging.getLogger(__name__)
@@ -458,6 +459,8 @@ class _DeviceHealth:
     """The record as of ``version``, kept so an unchanged device costs nothing to write again."""
     resumed_window: HealthWindow | None = None
     """The window of the shard this replica resumed (same replica id), until a newer report comes."""
+    journal_seq: int = 0
+    """Sequence number of the last journaled report these counts include (0: none)."""
 
     def resume(self, stored: DeviceHealthRecord) -> None:
         """Add this replica's own counts from before a restart (its shard under the same id)."""
@@ -472,6 +475,7 @@ class _DeviceHealth:
             totals.accelerator_fallback_count += old.accelerator_fallback_count
         self.last_install = self.last_install or stored.last_install
         self.resumed_window = stored.last_window
+        self.journal_seq = max(self.journal_seq, stored.journal_seq)
         self.built = None
 
     def changed(self, now: datetime) -> None:
@@ -553,6 +557,7 @@ class _DeviceHealth:
             last_window=window,
             totals={key: totals.frozen() for key, totals in self.totals.items()},
             last_install=self.last_install,
+            journal_seq=self.journal_seq,
         )
         return self.built
 
@@ -575,6 +580,7 @@ class GatewayService:
         policy: ServicePolicy | None = None,
         *,
         clock: Callable[[], datetime] = utc_now,
+        journal: HealthJournal | None = None,
     ) -> None:
         self._fleet = fleet
         self._store = store
@@ -596,6 +602,12 @@ class GatewayService:
         # Between replicas the store would need a compare-and-swap write (see the issue 10 report).
         self._enroll_lock = threading.Lock()
         self._revisions: dict[str, int] = {}  # device id -> highest assignment revision read for it
+        if journal is not None and self.policy.replica_id is None:
+            # A random id is new at every start: a restart could never find its own journal.
+            raise ValueError("a health journal needs a configured replica id")
+        self._journal = journal
+        """Acknowledged health reports not yet in the store (see gateway/journal.py); opened by
+        :meth:`recover_journal`."""
 
     @property
     def hints(self) -> GatewayHints:
@@ -919,7 +931,17 @@ class GatewayService:
         _check_health(sample)
         now = self._clock()
         with self._health_lock:
-            self._entry(identity, now).add(sample, now)
+            seq = 0
+            if self._journal is not None:
+                try:  # before the ack: once acknowledged, the agent forgets the window
+                    seq = self._journal.append(
+                        identity.device_id, identity.namespace, identity.device_class, identity.name, sample
+                    )
+                except OSError as e:
+                    raise Unavailable(f"cannot journal the health report (the agent keeps it): {e}") from e
+            entry = self._entry(identity, now)
+            entry.add(sample, now)
+            entry.journal_seq = max(entry.journal_seq, seq)
 
     def _entry(self, identity: DeviceIdentity, now: datetime) -> _DeviceHealth:
         """The device's entry (the health lock held); a new one when it was re-admitted into another class."""
@@ -1005,6 +1027,9 @@ class GatewayService:
                 entries = list(self._health.values())
                 classes = set(self._vacated)
                 self._vacated.clear()
+                if self._journal is not None:
+                    # Closed segments now hold only reports in this snapshot (appends take this lock).
+                    self._journal.rotate()
             classes.update(e.identity.device_class for e in entries if e.version != e.written)
             try:
                 for device_class in sorted(classes - self._resumed):
@@ -1044,7 +1069,52 @@ class GatewayService:
                     entry.written = max(entry.written, version)
             if failed is not None:
                 raise failed
+            if self._journal is not None:
+                with self._health_lock:
+                    self._journal.discard_closed()  # every report in them is in a written shard now
         return written
+
+    def recover_journal(self) -> int:
+        """Open the health journal, first replaying what a killed process left in it; the reports replayed.
+
+        Called once before serving. Per device, only reports after the last one its stored shard
+        counts (``journal_seq``) are added, so a crash between a shard write and the segment's
+        deletion counts nothing twice. Raises ``StoreError``/``FleetError`` if the shards cannot be
+        read (serving without them would double count), ``OSError`` if the journal cannot be read.
+        """
+        journal = self._journal
+        if journal is None:
+            return 0
+        entries = journal.replay()
+        for device_class in sorted({e.device_class for e in entries} - self._resumed):
+            self._resume(device_class)
+        now = self._clock()
+        replayed = 0
+        with self._health_lock:
+            for item in entries:
+                identity = DeviceIdentity(item.device_id, item.namespace, item.device_class, item.name, "")
+                entry = self._entry(identity, now)
+                if item.seq <= entry.journal_seq:
+                    continue  # the stored shard counts it already
+                try:
+                    sample = _journaled_sample(item)
+                except (KeyError, TypeError, ValueError) as e:
+                    logger.warning("health journal entry %d unreadable, skipped: %s", item.seq, e)
+                    continue
+                entry.add(sample, now)
+                entry.journal_seq = item.seq
+                replayed += 1
+            journal.open()
+        if entries:
+            logger.info("health journal: replayed %d of %d report(s) a previous process acknowledged",
+                        replayed, len(entries))  # fmt: skip
+        return replayed
+
+    def close_journal(self) -> None:
+        """Sync and close the health journal (after the last flush)."""
+        if self._journal is not None:
+            with self._health_lock:
+                self._journal.close()
 
     def _resume(self, device_class: str) -> list[_DeviceHealth]:
         """Fold in this replica's shard of the class as a previous process left it; the entries it added.
@@ -1080,6 +1150,28 @@ class GatewayService:
         """Devices whose latest figures are not yet written (for tests and metrics)."""
         with self._health_lock:
             return sum(1 for entry in self._health.values() if entry.version != entry.written)
+
+
+def _journaled_sample(item: JournalEntry) -> HealthSample:
+    """The :class:`HealthSample` a journal entry holds (validated again, as on arrival)."""
+    data = item.sample
+    window_start, window = decode_times(data)
+    sample = HealthSample(
+        window_start=window_start,
+        window=window,
+        cpu_percent=float(data["cpu_percent"]),
+        memory_used_bytes=int(data["memory_used_bytes"]),
+        memory_total_bytes=int(data["memory_total_bytes"]),
+        disk_used_bytes=int(data["disk_used_bytes"]),
+        disk_total_bytes=int(data["disk_total_bytes"]),
+        models=tuple(ModelSample(**model) for model in data["models"]),
+        energy_joules=None if data["energy_joules"] is None else float(data["energy_joules"]),
+    )
+    try:
+        _check_health(sample)
+    except InvalidArgument as e:
+        raise ValueError(str(e)) from e
+    return sample
 
 
 def _key_fingerprint(csr_pem: str) -> str:
