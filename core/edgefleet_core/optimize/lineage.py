@@ -8,10 +8,13 @@ variant instead of recomputing it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -20,8 +23,9 @@ from typing import Any
 
 import onnx
 
+from edgefleet_core.atomic import PUBLIC, fsync_dir
 from edgefleet_core.errors import ModelError
-from edgefleet_core.optimize.model_io import parse_model, serialize, write_dir_atomic
+from edgefleet_core.optimize.model_io import parse_model, serialize
 from edgefleet_core.resources.recipe import PassSpec
 
 logger = logging.getLogger(__name__)
@@ -108,8 +112,60 @@ class VariantCache:
         return model, records
 
     def put(self, variant_id: str, model: onnx.ModelProto, records: list[dict[str, Any]]) -> None:
-        """Store a variant (same id, same content: a concurrent writer losing the race loses nothing)."""
-        write_dir_atomic(
-            self.root / variant_id,
-            {"model.onnx": serialize(model), "passes.json": json.dumps(records, indent=1).encode()},
-        )
+        """Store a variant; a no-op when a complete entry for the id is there already.
+
+        Ids are content addresses, so concurrent writers of one id write the same bytes and the first
+        complete entry is as good as any: each writer stages its own folder and renames it into
+        place, and a writer that finds the place taken by a complete entry drops its copy. (Replacing
+        the entry instead, as ``write_dir_atomic`` does for outputs, fails with "Directory not empty"
+        when two writers race; found by the reliability campaign.) Only a damaged entry (an older
+        writer's crash) is replaced.
+        """
+        if self.get(variant_id) is not None:
+            return
+        folder = self.root / variant_id
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{variant_id}.", suffix=".tmp"))
+        try:
+            for name, data in (
+                ("model.onnx", serialize(model)),
+                ("passes.json", json.dumps(records, indent=1).encode()),
+            ):
+                with open(staging / name, "wb") as handle:
+                    os.fchmod(handle.fileno(), PUBLIC)
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            fsync_dir(staging)
+            if not self._rename_into(staging, folder):
+                self._set_aside_damaged(folder)
+                self._rename_into(staging, folder)  # a writer that got there meanwhile wrote the same
+            fsync_dir(self.root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _rename_into(self, staging: Path, folder: Path) -> bool:
+        """Move ``staging`` to ``folder``; ``False`` when ``folder`` holds a damaged entry instead."""
+        try:
+            os.rename(staging, folder)  # onto an existing non-empty folder this fails, never merges
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            return self._complete(folder)  # taken by a complete entry: another writer won the race
+        return True
+
+    def _complete(self, folder: Path) -> bool:
+        try:
+            parse_model((folder / "model.onnx").read_bytes(), str(folder / "model.onnx"))
+            return isinstance(json.loads((folder / "passes.json").read_text(encoding="utf-8")), list)
+        except (OSError, ValueError, ModelError):
+            return False
+
+    def _set_aside_damaged(self, folder: Path) -> None:
+        aside = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{folder.name}.", suffix=".damaged"))
+        try:
+            os.rename(folder, aside / "entry")
+        except FileNotFoundError:
+            pass  # another writer set it aside first
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
