@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 from edgefleet_core import __version__
 from edgefleet_core.errors import EdgeFleetError, FieldProblem, ResourceError
+from edgefleet_core.failpoints import failpoint
 from edgefleet_core.resources.base import API_GROUP, API_VERSION
 from edgefleet_core.resources.device_class import DeviceClass
 from edgefleet_core.resources.edge_model import EdgeModel, EdgeModelStatus, Targets
@@ -559,6 +560,7 @@ def build_registry(driver: EdgeModelDriver) -> kopf.OperatorRegistry:
     @kopf.on.create(group, version, EDGEMODELS, id="reconcile", registry=registry)
     @kopf.on.update(group, version, EDGEMODELS, field="spec", id="reconcile", registry=registry)
     async def changed(body: kopf.Body, patch: kopf.Patch, retry: int, logger: kopf.Logger, **kwargs: Any) -> None:
+        failpoint("operator.reconcile.acknowledged")  # the acknowledgement is written; nothing else yet
         await _reconcile(driver, body, patch, retry, logger, _classes(kwargs["deviceclasses"]))
 
     @kopf.timer(group, version, EDGEMODELS, id=TICK_HANDLER, interval=ks.tick_seconds, registry=registry)

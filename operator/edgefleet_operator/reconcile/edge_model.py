@@ -33,6 +33,7 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 from edgefleet_core.bundle.distribution import BundleRef, version_key
 from edgefleet_core.bundle.publisher import PublishedVariant, Publisher
 from edgefleet_core.errors import EdgeFleetError
+from edgefleet_core.failpoints import failpoint
 from edgefleet_core.optimize.data import Dataset
 from edgefleet_core.optimize.lineage import VariantCache
 from edgefleet_core.optimize.model_io import LoadedModel
@@ -431,6 +432,7 @@ class EdgeModelReconciler:
             return
         logger.info("[%s/%s] building version %s for %s", namespace, name, version, ", ".join(w.name for w in pending))
         self._run_builds(model, pending, source, data)
+        failpoint("operator.build.optimized")  # variants built, nothing of this version published yet
         for work in pending:
             if work.built is not None:
                 self._publish(model, work, version, events)
@@ -585,6 +587,7 @@ class EdgeModelReconciler:
         try:
             with self._publish_lock:
                 started = time.perf_counter()  # the publish itself, not the wait for the lock
+                failpoint("operator.publish.signing")
                 published = self._publisher.publish(
                     BundleRef(namespace, name, work.name, version),
                     built.files,
@@ -605,6 +608,7 @@ class EdgeModelReconciler:
                 "[%s/%s] class %s: publishing %s failed, will retry: %s", namespace, name, work.name, version, exc
             )
             return
+        failpoint("operator.publish.signed")  # in the signed repository; the status does not say so yet
         self.metrics.published("adopted" if published.adopted else "published", time.perf_counter() - started)
         work.published = published
         self._memo.remember_published((namespace, name, work.name, work.key), published)
@@ -759,6 +763,7 @@ class EdgeModelReconciler:
                     bundle_sha256="",
                     bundle_length=0,
                 )
+        failpoint("operator.finalize.unassigned")  # devices told to remove it; artifacts still published
         told = sum(len(d) for d in holders.values())
         if told:
             events.append(Event("Normal", "AssignmentsRemoved", f"{name} removed from {told} device(s)"))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from edgefleet_core.failpoints import failpoint
 from edgefleet_core.resources.edge_model import ClassRollout
 from edgefleet_core.store.base import ArtifactStore
 from edgefleet_operator.fleet.bundles import ResolvedBundle, resolve_bundle
@@ -191,4 +192,5 @@ class RolloutController:
             wave=action.wave_ref if isinstance(action, AssignWave) else None,
         )
         logger.info("%s: %s at revision %d (%s)", where, decision.reason, revision, decision.status.message)
+        failpoint("operator.rollout.wave")  # the wave is in the fleet state; the EdgeModel's status is not
         return revision
