@@ -214,7 +214,7 @@ def build_reconciler(
         sources=sources,
         bundles=PublishedBundles(store),
         cache=cache,
-        trainer=load_trainer(),
+        trainer=load_trainer(deferred=True),
         executor=pool,
         poll_interval=settings.rollout_poll_seconds,
         resync_interval=settings.resync_seconds,

@@ -8,6 +8,7 @@ and the training passes share them so that both see the same logits.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -18,13 +19,37 @@ import onnx
 from edgefleet_core.optimize.runtime import session
 
 if TYPE_CHECKING:
-    from edgefleet_core.optimize.passes.base import Trainer
+    from edgefleet_core.optimize.data import Dataset
+    from edgefleet_core.optimize.passes.base import Trainer, TrainingRequest
 
 FloatArray = npt.NDArray[np.floating]
 
 
-def load_trainer() -> Trainer | None:
-    """The PyTorch trainer, or ``None`` when torch cannot be imported."""
+class _DeferredTorchTrainer:
+    """The PyTorch trainer, imported at the first training rather than when a process starts.
+
+    Importing torch takes seconds; an operator that starts (or restarts after a crash) and builds
+    recipes without training should not wait for it.
+    """
+
+    def __init__(self) -> None:
+        self._trainer: Trainer | None = None
+
+    def train(self, model: onnx.ModelProto, data: Dataset, request: TrainingRequest) -> onnx.ModelProto:
+        if self._trainer is None:
+            from edgefleet_core.training.trainer import TorchTrainer  # noqa: PLC0415 - torch is optional
+
+            self._trainer = TorchTrainer()
+        return self._trainer.train(model, data, request)
+
+
+def load_trainer(*, deferred: bool = False) -> Trainer | None:
+    """The PyTorch trainer, or ``None`` when torch cannot be imported.
+
+    ``deferred``: decide from whether torch is installed and import it at the first training.
+    """
+    if deferred:
+        return _DeferredTorchTrainer() if importlib.util.find_spec("torch") is not None else None
     try:
         from edgefleet_core.training.trainer import TorchTrainer  # noqa: PLC0415 - torch is optional
     except ImportError:

@@ -774,3 +774,15 @@ def test_without_torch_the_package_imports_and_offers_no_trainer() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_deferred_trainer_imports_torch_only_when_it_trains() -> None:
+    script = (
+        "import sys\n"
+        "from edgefleet_core.training import load_trainer\n"
+        "trainer = load_trainer(deferred=True)\n"
+        "assert trainer is not None\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False"
