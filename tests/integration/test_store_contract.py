@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,29 @@ def test_get_range_rejects_negative(store: ArtifactStore) -> None:
         store.get_range("digits", -1, 2)
     with pytest.raises(StoreError, match="negative"):
         store.get_range("digits", 0, -2)
+
+
+def test_create_only_when_absent(store: ArtifactStore) -> None:
+    assert store.create("claims/a.json", b"first") is True
+    assert store.create("claims/a.json", b"second") is False
+    assert store.get("claims/a.json", max_bytes=100) == b"first"
+    store.put("claims/b.json", b"put")
+    assert store.create("claims/b.json", b"create") is False
+    assert store.list("claims/") == ["claims/a.json", "claims/b.json"]
+
+
+def test_racing_creators_one_wins(store: ArtifactStore) -> None:
+    """The store's compare-and-swap: of 8 threads creating one key at once, exactly one succeeds."""
+    barrier = threading.Barrier(8)
+
+    def create(i: int) -> bool:
+        barrier.wait()
+        return store.create("race/key.json", f"writer {i}".encode())
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(create, range(8)))
+    assert results.count(True) == 1
+    assert store.get("race/key.json", max_bytes=100) == f"writer {results.index(True)}".encode()
 
 
 def test_stat(store: ArtifactStore) -> None:

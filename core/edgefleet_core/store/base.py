@@ -40,6 +40,14 @@ class ArtifactStore(Protocol):
         """Store ``data`` under ``key``, replacing what was there."""
         ...
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` only if nothing is there; ``False`` when something is.
+
+        The store's one compare-and-swap: of writers racing to create a key, exactly one gets
+        ``True`` (a local ``link``, an S3 ``If-None-Match: *`` put), across processes and hosts.
+        """
+        ...
+
     def get(self, key: str, *, max_bytes: int) -> bytes:
         """The whole object; :class:`StoreNotFound` if absent, :class:`StoreLimitExceeded` if over ``max_bytes``."""
         ...

@@ -84,6 +84,28 @@ class LocalStore:
         except OSError as exc:  # permissions, a full disk, a read-only mount
             raise StoreError(f"cannot write {key!r} under {self.root}: {exc}") from exc
 
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        try:
+            self._makedirs(path.parent, key)
+            temp = path.with_name(f"{path.name}{_TEMP_MARK}{secrets.token_hex(8)}")
+            try:
+                with open(temp, "xb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                # link() never replaces: of racing creators exactly one succeeds, and a reader sees
+                # the whole object or none (unlike an O_EXCL file written in place).
+                os.link(temp, path)
+            except FileExistsError:
+                return False
+            finally:
+                temp.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot create {key!r} under {self.root}: {exc}") from exc
+        return True
+
     def _write(self, key: str, path: Path, data: bytes) -> None:
         self._makedirs(path.parent, key)
         if path.is_dir():

@@ -44,7 +44,10 @@ _AUTH_CODES = frozenset(
         "AccountProblem",
     }
 )
-_RETRY_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"})
+_RETRY_CODES = frozenset(
+    # ConditionalRequestConflict: S3 answers 409 to racing conditional writes; the retry then sees who won.
+    {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "ConditionalRequestConflict"}
+)
 _READ_CHUNK = 256 * 1024
 
 
@@ -202,6 +205,23 @@ class S3Store:
         self._ensure_bucket()
         # A fresh stream per attempt: a retried upload starts from the first byte.
         self._call("put", key, lambda: self.client.put_object(self.bucket, name, io.BytesIO(data), len(data)))
+
+    def create(self, key: str, data: bytes) -> bool:
+        name = self._name(key)
+        self._ensure_bucket()
+
+        def attempt() -> bool:
+            # minio's put_object treats extra headers as user metadata; the conditional header has
+            # to go through the plain PutObject call. S3 (since 2024), MinIO and moto honour it.
+            try:
+                self.client._put_object(self.bucket, name, data, headers={"If-None-Match": "*"})
+            except S3Error as exc:
+                if exc.code == "PreconditionFailed":
+                    return False
+                raise
+            return True
+
+        return self._call("create", key, attempt)
 
     def get(self, key: str, *, max_bytes: int) -> bytes:
         name = self._name(key)

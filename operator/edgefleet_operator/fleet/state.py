@@ -227,14 +227,21 @@ class FleetState:
         if record.uses_left <= 0:
             raise TokenRefused("used", f"bootstrap token {record.token_id} has been used")
         try:
-            spent = record.model_copy(
-                update={
-                    "uses_left": record.uses_left - 1,
-                    "used_by": [*record.used_by, TokenUse(device_name=device_name, device_id=device_id, used_at=now)],
-                }
-            )
+            use = TokenUse(device_name=device_name, device_id=device_id, used_at=now)
         except ValidationError as e:
             raise FleetInputError(f"cannot redeem a token for {device_name!r}: {e}") from e
+        # Each use claims a create-only key of its own first: two gateway replicas redeeming the
+        # last use at once both read uses_left 1, but only one creates the key. The record
+        # written after it is for reading (`gateway token list`); the claims are what count.
+        total = record.uses_left + len(record.used_by)
+        index = len(record.used_by)
+        while not self._store.create(self._key("tokens", record.token_id, "uses", f"{index}.json"),
+                                     use.model_dump_json().encode()):  # fmt: skip
+            index += 1
+            if index >= total:
+                raise TokenRefused("used", f"bootstrap token {record.token_id} has been used (by a concurrent "
+                                   "enrollment)")  # fmt: skip
+        spent = record.model_copy(update={"uses_left": total - index - 1, "used_by": [*record.used_by, use]})
         self._write(self._key("tokens", f"{record.token_id}.json"), spent)
         return spent
 
@@ -255,6 +262,10 @@ class FleetState:
     def put_device(self, record: DeviceRecord) -> None:
         """Create or replace a device record."""
         self._write(self._device_key(record.namespace, record.name), record)
+
+    def create_device(self, record: DeviceRecord) -> bool:
+        """Record a device that has no record yet; ``False`` if one appeared meanwhile (another enrollment won)."""
+        return self._store.create(self._device_key(record.namespace, record.name), record.model_dump_json().encode())
 
     def get_device(self, namespace: str, name: str) -> DeviceRecord | None:
         """The device record, or ``None`` if the device never enrolled."""

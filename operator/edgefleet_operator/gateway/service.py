@@ -599,7 +599,7 @@ class GatewayService:
         # Enroll and Renew read a token or device record, decide, and write it back: without this,
         # two enrollments running in worker threads at once both see a single-use token unspent
         # and both spend it (or both take one free name). Rare calls: one lock for all is enough.
-        # Between replicas the store would need a compare-and-swap write (see the issue 10 report).
+        # Between replicas, create-only store keys decide (a token use, a new device's record).
         self._enroll_lock = threading.Lock()
         self._revisions: dict[str, int] = {}  # device id -> highest assignment revision read for it
         if journal is not None and self.policy.replica_id is None:
@@ -678,7 +678,11 @@ class GatewayService:
         except ValidationError as e:  # every field was checked above: a disagreement with the record is ours
             raise InvalidArgument("device", f"cannot be recorded: {e.errors()[0]['msg']}") from e
         try:
-            self._fleet.put_device(record)
+            if existing is not None:
+                self._fleet.put_device(record)
+            elif not self._fleet.create_device(record):
+                # Another replica enrolled this name since it was read: never replace that record.
+                raise PermissionDenied(f"device {token.namespace}/{name} was enrolled by a concurrent enrollment")
         except (FleetError, StoreError) as e:
             raise Unavailable(f"cannot record the device: {e}") from e
         self._remember(record)

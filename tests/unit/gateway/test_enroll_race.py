@@ -1,8 +1,9 @@
 """Concurrent enrollments on one gateway: a single-use token is spent once, a free name is taken once.
 
 The servicer runs Enroll in worker threads, so two devices racing with one token (or for one name)
-reach the read-decide-write of the token and device records at the same time. Between replicas the
-store has no compare-and-swap yet (see RELIABILITY.md); within one process the service serializes it.
+reach the read-decide-write of the token and device records at the same time. Within one process
+the service serializes it; between replicas (separate processes, no shared lock) the store's
+create-only keys decide: a token use and a new device's record are each created by one winner.
 """
 
 from __future__ import annotations
@@ -74,3 +75,42 @@ def test_a_free_name_is_taken_by_one_device_however_many_race_for_it(tmp_path: P
         wins, refusals = _race([partial(service.enroll, _application(t, f"cam-{round_}")) for t in tokens])
         assert wins == 1
         assert all(isinstance(e, PermissionDenied) and "already enrolled" in str(e) for e in refusals), refusals
+
+
+def _replicas(tmp_path: Path, count: int) -> tuple[list[GatewayService], FleetState]:
+    """``count`` gateway replicas over one store: no lock in common, as separate processes."""
+    store = LocalStore(tmp_path / "store")
+    ca = FleetCA.create()
+    return [GatewayService(FleetState(store), store, ca) for _ in range(count)], FleetState(store)
+
+
+def test_replicas_racing_for_a_single_use_token_enroll_one_device(tmp_path: Path) -> None:
+    replicas, fleet = _replicas(tmp_path, RACERS)
+    for round_ in range(ROUNDS):
+        token = fleet.create_token("demo", "cpu-small", ttl=timedelta(hours=1))
+        calls = [partial(r.enroll, _application(token, f"cam-{round_}-{i}")) for i, r in enumerate(replicas)]
+        wins, refusals = _race(calls)
+        assert wins == 1
+        assert all(isinstance(e, Unauthenticated) and "has been used" in str(e) for e in refusals), refusals
+    assert len(fleet.list_devices("demo")) == ROUNDS
+
+
+def test_replicas_racing_for_a_free_name_record_one_device(tmp_path: Path) -> None:
+    replicas, fleet = _replicas(tmp_path, RACERS)
+    for round_ in range(ROUNDS):
+        tokens = [fleet.create_token("demo", "cpu-small", ttl=timedelta(hours=1)) for _ in range(RACERS)]
+        calls = [partial(r.enroll, _application(t, f"cam-{round_}")) for r, t in zip(replicas, tokens, strict=True)]
+        wins, refusals = _race(calls)
+        assert wins == 1
+        assert all(isinstance(e, PermissionDenied) for e in refusals), refusals
+        [device] = [d for d in fleet.list_devices("demo") if d.name == f"cam-{round_}"]
+        assert device.cert_serial  # the winner's record, never replaced by a loser
+
+
+def test_a_multi_use_token_gives_each_racing_replica_a_use_until_none_is_left(tmp_path: Path) -> None:
+    replicas, fleet = _replicas(tmp_path, RACERS)
+    token = fleet.create_token("demo", "cpu-small", ttl=timedelta(hours=1), uses=3)
+    wins, refusals = _race([partial(r.enroll, _application(token, f"cam-{i}")) for i, r in enumerate(replicas)])
+    assert wins == 3
+    assert len(refusals) == RACERS - 3
+    assert len(fleet.list_devices("demo")) == 3

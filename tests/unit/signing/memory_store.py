@@ -18,6 +18,12 @@ class MemoryStore:
     def put(self, key: str, data: bytes) -> None:
         self.objects[validate_key(key)] = bytes(data)
 
+    def create(self, key: str, data: bytes) -> bool:
+        if validate_key(key) in self.objects:
+            return False
+        self.objects[key] = bytes(data)
+        return True
+
     def get(self, key: str, *, max_bytes: int) -> bytes:
         data = self._existing(key)
         if len(data) > max_bytes:
