@@ -77,6 +77,15 @@ def run(
             help="HOST:PORT to serve Prometheus metrics on (/metrics), e.g. 0.0.0.0:9092; off by default.",
         ),
     ] = None,
+    keepalive: Annotated[
+        float,
+        typer.Option(
+            "--keepalive",
+            min=10.0,
+            help="Seconds between keepalive pings to the gateway: how soon a silent (stalled) connection "
+            "is given up for a new one. At least 10 (the gateway refuses more frequent pings).",
+        ),
+    ] = 300.0,
 ) -> None:
     """Enroll once (the token is needed only the first time), then run until SIGTERM or SIGINT.
 
@@ -114,6 +123,7 @@ def run(
         providers=chosen,
         heartbeat_interval=heartbeat_interval,
         metrics_listen=metrics_listen,
+        keepalive=keepalive,
     )
     # A daemon's install outcomes belong in its log even without -v.
     agent_log = logging.getLogger("edgefleet_agent")

@@ -27,19 +27,37 @@ class DeviceCredentials:
     ca_pem: bytes
 
 
-# Keepalive pings find a gateway that vanished without closing the connection (a network
-# partition). gRPC servers refuse pings more frequent than every 5 minutes on a connection without
-# data by default (GOAWAY "too_many_pings"), so the agent stays at that bound.
-_KEEPALIVE_MS = 300_000
-_KEEPALIVE_TIMEOUT_MS = 20_000
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
-    ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
-    ("grpc.keepalive_permit_without_calls", 0),
-    # Our own Backoff decides when to retry; gRPC's connection backoff is capped so it never
-    # keeps a reconnect waiting longer than ours would.
-    ("grpc.max_reconnect_backoff_ms", 10_000),
-)
+DEFAULT_KEEPALIVE_S = 300.0
+"""Seconds between keepalive pings on a gateway connection. Pings find a gateway that vanished
+without closing the connection (a partition, a NAT that dropped its mapping): calls on it would
+otherwise hang until their deadlines, and a watch stream, which has none, for good. gRPC servers
+refuse pings more frequent than every 5 minutes on a connection without data by default (GOAWAY
+"too_many_pings"), so the default stays at that bound; our gateway allows every 10 s."""
+MIN_KEEPALIVE_S = 10.0
+"""The gateway's ``grpc.http2.min_ping_interval_without_data_ms``: more often, it closes the connection."""
+_KEEPALIVE_TIMEOUT_S = 20.0
+
+
+def channel_options(keepalive_s: float = DEFAULT_KEEPALIVE_S) -> tuple[tuple[str, int], ...]:
+    """gRPC options of every gateway channel: a ping every ``keepalive_s``, answered within half that (≤ 20 s)."""
+    timeout_ms = int(min(_KEEPALIVE_TIMEOUT_S, keepalive_s / 2) * 1000)
+    return (
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        # gRPC ≥ 1.6x also times every ping out after this (60 s by default), whichever comes first:
+        # without it a stalled connection was given up only after a minute (measured, gRPC 1.85).
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 0),
+        # gRPC's default stops pinging after two pings without data: an idle watch stream on a dead
+        # connection would then never be noticed.
+        ("grpc.http2.max_pings_without_data", 0),
+        # Our own Backoff decides when to retry; gRPC's connection backoff is capped so it never
+        # keeps a reconnect waiting longer than ours would.
+        ("grpc.max_reconnect_backoff_ms", 10_000),
+    )
+
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = channel_options()
 
 
 def channel_credentials(credentials: DeviceCredentials) -> grpc.ChannelCredentials:
@@ -51,14 +69,18 @@ def channel_credentials(credentials: DeviceCredentials) -> grpc.ChannelCredentia
     )
 
 
-def secure_channel(target: str, credentials: DeviceCredentials) -> grpc.Channel:
+def secure_channel(
+    target: str, credentials: DeviceCredentials, *, keepalive_s: float = DEFAULT_KEEPALIVE_S
+) -> grpc.Channel:
     """A blocking channel (python-tuf's ngclient is synchronous) to the gateway's fleet port."""
-    return grpc.secure_channel(target, channel_credentials(credentials), options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(target, channel_credentials(credentials), options=channel_options(keepalive_s))
 
 
-def aio_secure_channel(target: str, credentials: DeviceCredentials) -> aio.Channel:
+def aio_secure_channel(
+    target: str, credentials: DeviceCredentials, *, keepalive_s: float = DEFAULT_KEEPALIVE_S
+) -> aio.Channel:
     """An asyncio channel to the gateway's fleet port, for the watch, heartbeat and report loops."""
-    return aio.secure_channel(target, channel_credentials(credentials), options=CHANNEL_OPTIONS)
+    return aio.secure_channel(target, channel_credentials(credentials), options=channel_options(keepalive_s))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ server, then run four concurrent loops until SIGTERM/SIGINT:
   jittered backoff; each assignment is handed to the worker;
 * **worker** — applies assignments one at a time in a thread (ngclient and ONNX Runtime are
   synchronous); a newer revision for a model cancels the one in progress for it;
-* **heartbeat** — a HealthReport per window (the interval the gateway asks for);
+* **heartbeat** — a HealthReport per window (the interval the gateway asks for), split at a
+  version switch so each request counts against the version that served it; windows the gateway
+  did not acknowledge are sent again, oldest first;
 * **reports** — sends queued install reports until each is acknowledged;
 * **renewal** — renews the device certificate at about two thirds of its lifetime (a new key
   each time), persists it, then reconnects the loops above with the new credentials.
@@ -27,6 +29,7 @@ import json
 import logging
 import signal
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -39,7 +42,14 @@ from grpc import aio
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edgefleet_agent.assignments import AssignmentSpec, InstallResult
-from edgefleet_agent.connection import Backoff, BackoffPolicy, aio_secure_channel, rpc_status, secure_channel
+from edgefleet_agent.connection import (
+    DEFAULT_KEEPALIVE_S,
+    Backoff,
+    BackoffPolicy,
+    aio_secure_channel,
+    rpc_status,
+    secure_channel,
+)
 from edgefleet_agent.errors import AgentError
 from edgefleet_agent.fetcher import PARTIAL_MAX_AGE_S, GrpcTufFetcher, clean_partials
 from edgefleet_agent.identity import (
@@ -55,6 +65,7 @@ from edgefleet_agent.identity import (
     renewed_identity,
 )
 from edgefleet_agent.inference_server import start_inference_server
+from edgefleet_agent.leftovers import clear_interrupted_writes
 from edgefleet_agent.metrics import AgentMetrics, parse_listen
 from edgefleet_agent.reports import ReportQueue, assignment_spec, install_report, model_health
 from edgefleet_agent.runtime import ModelRuntime, ModelWindowStats
@@ -79,8 +90,11 @@ MAX_RENEWAL_SLEEP_S = 3600.0
 """Longest sleep before the renewal time is computed again (clock changes)."""
 STOP_GRACE_S = 10.0
 MAX_ROOT_BYTES = 1024 * 1024
-RETRYABLE_REASONS = frozenset({"DownloadFailed"})
-"""Install failures caused by the transport: the same revision is tried again after a backoff."""
+MAX_UNSENT_HEALTH = 1000
+"""Health windows kept while the gateway cannot be reached (with the default 30 s interval, 8 hours)."""
+RETRYABLE_REASONS = frozenset({"DownloadFailed", "OutOfSpace", "MetadataExpired"})
+"""Install failures that can pass without a new revision (the transport, a full disk that is freed,
+expired TUF metadata that is renewed): the same revision is tried again after a backoff."""
 _REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 _T = TypeVar("_T")
@@ -142,6 +156,9 @@ class AgentSettings:
     """How long a graceful stop waits for an install in progress and for inference requests."""
     metrics_listen: str | None = None
     """HOST:PORT to serve Prometheus metrics on (``/metrics``; port 0 picks one); ``None``: none."""
+    keepalive: float = DEFAULT_KEEPALIVE_S
+    """Seconds between keepalive pings on the gateway connections: how soon a connection that went
+    silent (a partition, a stalled link) is given up and a new one opened."""
 
 
 class UpdaterPort(Protocol):
@@ -245,7 +262,12 @@ class Progress:
             resume = min(resume, min(self.outstanding.values()) - 1)
         if resume > self.last_revision:
             self.last_revision = resume
-            write_file_atomic(self._path, json.dumps({"last_revision": resume}).encode() + b"\n")
+            try:
+                write_file_atomic(self._path, json.dumps({"last_revision": resume}).encode() + b"\n")
+            except OSError as e:
+                # A full disk must not stop the agent; after a restart the gateway resends from the
+                # older resume point and those revisions are found already applied.
+                logger.warning("cannot persist the resume point %d in %s: %s", resume, self._path, e)
 
 
 @dataclass
@@ -293,6 +315,8 @@ class Agent:
         self._retired: list[grpc.Channel] = []
         """Blocking channels replaced by a renewal, closed once no download may be using them."""
         self._renewed = asyncio.Event()
+        self._unsent_health: deque[fleet_pb2.HealthReport] = deque(maxlen=MAX_UNSENT_HEALTH)
+        """Health reports not acknowledged yet, oldest first (kept across reconnects, not restarts)."""
         self.renewals = 0
         """Certificate renewals completed in this process."""
 
@@ -334,7 +358,10 @@ class Agent:
             removed = await asyncio.to_thread(clean_partials, self.settings.state_dir, older_than=PARTIAL_MAX_AGE_S)
             if removed:
                 logger.info("removed %d stale partial downloads", len(removed))
-            self._sync_channel = secure_channel(self.settings.gateway, identity.credentials)
+            interrupted = await asyncio.to_thread(clear_interrupted_writes, self.settings.state_dir)
+            if interrupted:
+                logger.info("removed temp files of interrupted writes: %s", ", ".join(interrupted))
+            self._sync_channel = self._blocking_channel(identity)
             parts = self._components_factory(
                 self.settings, identity, self._tuf_factory(trusted_root, policy), self.metrics
             )
@@ -342,7 +369,7 @@ class Agent:
                 self._queue_report(result)
             server, self.inference_port = await parts.start_inference()
             host = self.settings.inference_listen.rpartition(":")[0] or "127.0.0.1"
-            self._channel = aio_secure_channel(self.settings.gateway, identity.credentials)
+            self._channel = self._aio_channel(identity)
 
             def connected() -> list[asyncio.Task[None]]:
                 # The loops that talk to the gateway: restarted on a new channel after a renewal.
@@ -437,11 +464,39 @@ class Agent:
             logger.warning("%s; enrolling again with the token given", e)
             identity = None
         if identity is not None:
-            if identity.not_after <= datetime.now(UTC):
-                logger.warning("the device certificate expired at %s; the gateway will refuse it", identity.not_after)
-            return identity
+            if identity.not_after > datetime.now(UTC):
+                return identity
+            return await self._after_expiry(identity)
         if self.settings.token is None:
             raise AgentConfigError(f"{self.settings.state_dir} holds no identity yet: give --token or --token-file")
+        return await self._enroll(self.settings.token)
+
+    async def _after_expiry(self, expired: DeviceIdentity) -> DeviceIdentity:
+        """The stored certificate expired (the device was off past its renewal): enroll again if a
+        token was given; else, or if that fails, keep the expired identity and say what to do.
+
+        Either way the agent starts and serves the models on its disk: losing the gateway must
+        never stop inference. The gateway refuses an expired certificate, and Renew needs a valid one.
+        """
+        when = expired.not_after.isoformat()
+        if self.settings.token is not None:
+            logger.warning("the device certificate expired at %s; enrolling again with the token given", when)
+            try:
+                return await self._enroll(self.settings.token)
+            except EnrollmentError as e:
+                problem = f"enrolling again failed ({e})"
+        else:
+            problem = "no bootstrap token was given"
+        logger.error(
+            "the device certificate expired at %s and %s: the gateway refuses this device until it is "
+            "enrolled again; restart the agent with a new bootstrap token (--token or --token-file). "
+            "Serving the models on disk meanwhile.",
+            when,
+            problem,
+        )
+        return expired
+
+    async def _enroll(self, token: str) -> DeviceIdentity:
         try:
             gateway_ca = self.settings.gateway_ca.read_bytes()
         except OSError as e:
@@ -455,7 +510,7 @@ class Agent:
                     self.settings.state_dir,
                     target=self.settings.enroll_gateway,
                     gateway_ca_pem=gateway_ca,
-                    token=self.settings.token,
+                    token=token,
                     name=self.settings.name,
                     labels=self.settings.labels,
                     hardware=hardware,
@@ -480,6 +535,12 @@ class Agent:
             raise AgentConfigError(f"cannot read the trusted TUF root: {e}") from e
         write_file_atomic(stored, data)
         return data
+
+    def _blocking_channel(self, identity: DeviceIdentity) -> grpc.Channel:
+        return secure_channel(self.settings.gateway, identity.credentials, keepalive_s=self.settings.keepalive)
+
+    def _aio_channel(self, identity: DeviceIdentity) -> aio.Channel:
+        return aio_secure_channel(self.settings.gateway, identity.credentials, keepalive_s=self.settings.keepalive)
 
     def _stub(self) -> fleet_pb2_grpc.FleetGatewayAsyncStub:
         assert self._channel is not None
@@ -646,25 +707,35 @@ class Agent:
         sampler = SystemSampler(self.settings.state_dir)
         window_start = datetime.now(UTC)
         failing = False
+        unsent = self._unsent_health
         while True:
             await asyncio.sleep(interval)
             stats = await asyncio.to_thread(sampler.sample)
             windows = runtime.drain_windows()
             now = datetime.now(UTC)
-            report = health_report(window_start, now, stats_models=windows, stats=stats)
+            for report in health_reports(window_start, now, stats_models=windows, stats=stats):
+                if len(unsent) == unsent.maxlen:
+                    logger.warning("%d health reports unsent; dropping the oldest", len(unsent))
+                unsent.append(report)
             window_start = now
-            try:
-                ack = await stub.ReportHealth(report, timeout=min(interval, CALL_TIMEOUT_S))
-            except aio.AioRpcError as e:
-                # A lost report is not resent (fleet.proto): the next window covers only its own time.
-                self.metrics.gateway_failure("health_report")
-                code, details = rpc_status(e)
-                logger.log(logging.DEBUG if failing else logging.WARNING, "health report: %s: %s", code.name, details)
-                failing = True
-                continue
-            failing = False
-            if ack.HasField("next_interval") and self.settings.heartbeat_interval is None:
-                interval = max(1.0, ack.next_interval.ToTimedelta().total_seconds())
+            # Oldest first, until one fails: a window the gateway did not acknowledge is sent again
+            # (with its own window_start) rather than lost, so the rollout's counts stay whole.
+            while unsent:
+                try:
+                    ack = await stub.ReportHealth(unsent[0], timeout=min(interval, CALL_TIMEOUT_S))
+                except aio.AioRpcError as e:
+                    self.metrics.gateway_failure("health_report")
+                    code, details = rpc_status(e)
+                    level = logging.DEBUG if failing else logging.WARNING
+                    logger.log(level, "health report: %s: %s; %d kept to send again", code.name, details, len(unsent))
+                    failing = True
+                    if code == grpc.StatusCode.INVALID_ARGUMENT:
+                        unsent.popleft()  # the gateway will never take this one; do not block the rest
+                    break
+                unsent.popleft()
+                failing = False
+                if ack.HasField("next_interval") and self.settings.heartbeat_interval is None:
+                    interval = max(1.0, ack.next_interval.ToTimedelta().total_seconds())
 
     # --- install reports -----------------------------------------------------------------------
 
@@ -753,11 +824,11 @@ class Agent:
             task.cancel()
         await asyncio.gather(*old, return_exceptions=True)
         old_channel = self._channel
-        self._channel = aio_secure_channel(self.settings.gateway, identity.credentials)
+        self._channel = self._aio_channel(identity)
         if self._sync_channel is not None:
             # A download in progress keeps the old channel until its job ends (the worker closes it).
             self._retired.append(self._sync_channel)
-        self._sync_channel = secure_channel(self.settings.gateway, identity.credentials)
+        self._sync_channel = self._blocking_channel(identity)
         if self._current is None:
             self._close_retired()
         if old_channel is not None:
@@ -810,6 +881,41 @@ def health_report(
     if stats.energy_joules is not None:
         report.energy_joules = stats.energy_joules
     return report
+
+
+def health_reports(
+    window_start: datetime, window_end: datetime, *, stats_models: list[ModelWindowStats], stats: DeviceStats
+) -> list[fleet_pb2.HealthReport]:
+    """The HealthReports for one heartbeat: one, or one per version when a model switched versions in it.
+
+    fleet.proto allows one entry per model in a report, and each request must count against the
+    version that served it (the rollout compares a version's error rate with its predecessor's). So
+    a window with a switch is split in consecutive, non-overlapping sub-windows at the switch: a
+    model's entries (oldest version first) fill the last sub-windows, its current version the last one.
+    """
+    per_model: dict[tuple[str, str], list[ModelWindowStats]] = {}
+    for entry in stats_models:
+        per_model.setdefault((entry.model_namespace, entry.model_name), []).append(entry)
+    count = max((len(entries) for entries in per_model.values()), default=1)
+    parts: list[list[ModelWindowStats]] = [[] for _ in range(count)]
+    switches: list[list[datetime]] = [[] for _ in range(count)]
+    """Per sub-window, when the versions that replaced another one in it started serving."""
+    for entries in per_model.values():
+        first = count - len(entries)
+        for index, entry in enumerate(entries, start=first):
+            parts[index].append(entry)
+            if index > first and entry.started_at is not None:
+                switches[index].append(entry.started_at)
+    tick = timedelta(milliseconds=1)
+    bounds = [window_start]
+    for index in range(1, count):
+        split = min(switches[index], default=bounds[-1])
+        bounds.append(min(max(split, bounds[-1] + tick), window_end - tick * (count - index)))
+    bounds.append(max(window_end, bounds[-1] + tick))
+    return [
+        health_report(bounds[index], bounds[index + 1], stats_models=parts[index], stats=stats)
+        for index in range(count)
+    ]
 
 
 async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:

@@ -43,6 +43,7 @@ from tuf.api.exceptions import (
 from tuf.ngclient.fetcher import FetcherInterface
 
 from edgefleet_agent.connection import Backoff, BackoffPolicy, rpc_status
+from edgefleet_core.failpoints import failpoint
 from edgefleet_core.signing.layout import METADATA_DIR, TARGETS_DIR, path_from_url
 from edgefleet_proto.v1 import fleet_pb2, fleet_pb2_grpc
 
@@ -171,9 +172,11 @@ class _Request:
 class _Sink:
     """Where the bytes of one file accumulate: a ``.part`` file (resumable) or memory."""
 
-    def __init__(self, partial: Path | None) -> None:
+    def __init__(self, partial: Path | None, *, fault_point: str | None = None) -> None:
         self.partial = partial
         self._memory = io.BytesIO()
+        self._fault_point = fault_point
+        """Failpoint hit after each chunk is kept (fault tests kill the process mid-download there)."""
 
     def size(self) -> int:
         if self.partial is None:
@@ -190,6 +193,8 @@ class _Sink:
         # Flushed per chunk (closing the file): what survives a crash is a prefix of the file.
         with self.partial.open("ab") as f:
             f.write(data)
+        if self._fault_point is not None:
+            failpoint(self._fault_point)
 
     def discard(self) -> None:
         self._memory = io.BytesIO()
@@ -317,7 +322,9 @@ class GrpcTufFetcher(FetcherInterface):
             partial: Path | None = self.downloads / f"{hashlib.sha256(path.encode()).hexdigest()}.part"
         else:
             partial = None
-        return self._complete_file(request, _Sink(partial), cap)
+        # `agent.update.download=3*off->kill` dies with three chunks of targets kept to resume.
+        fault_point = "agent.update.download" if path.startswith(TARGETS_DIR) else None
+        return self._complete_file(request, _Sink(partial, fault_point=fault_point), cap)
 
     def _complete_file(self, request: _Request, sink: _Sink, cap: int) -> Iterator[bytes]:
         # A generator, so that its errors reach ngclient as raised: FetcherInterface.fetch would

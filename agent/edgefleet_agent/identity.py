@@ -108,6 +108,9 @@ class DeviceIdentity:
     not_after: datetime
     credentials: DeviceCredentials
     hints: GatewayHints = GatewayHints()
+    received_at: datetime | None = None
+    """When this device received the certificate (its clock): where its lifetime starts for renewal.
+    The certificate's not-before is earlier on purpose (the gateway backdates it for lagging clocks)."""
 
 
 class _IdentityFile(BaseModel):
@@ -120,6 +123,7 @@ class _IdentityFile(BaseModel):
     device_class: str
     name: str
     not_after: datetime
+    received_at: datetime | None = None
     heartbeat_interval: float = 30.0
     reconnect_backoff_initial: float = 1.0
     reconnect_backoff_max: float = 60.0
@@ -134,6 +138,7 @@ class _Renewal(BaseModel):
     certificate_chain_pem: str
     ca_pem: str
     not_after: datetime
+    received_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,7 @@ class IdentityStore:
             device_class=facts.device_class,
             name=facts.name,
             not_after=facts.not_after,
+            received_at=facts.received_at,
             credentials=credentials,
             hints=GatewayHints(
                 heartbeat_interval=facts.heartbeat_interval,
@@ -314,6 +320,7 @@ class IdentityStore:
             certificate_chain_pem=creds.certificate_chain_pem.decode(),
             ca_pem=creds.ca_pem.decode(),
             not_after=identity.not_after,
+            received_at=identity.received_at,
         )
         write_file_atomic(self.directory / RENEWAL_FILE, journal.model_dump_json().encode(), mode=PRIVATE)
         self.save(identity)
@@ -342,7 +349,7 @@ class IdentityStore:
         write_file_atomic(self.directory / KEY_FILE, renewal.key_pem.encode(), mode=PRIVATE)
         write_file_atomic(self.directory / CERT_FILE, renewal.certificate_chain_pem.encode(), mode=PUBLIC)
         write_file_atomic(self.directory / CA_FILE, renewal.ca_pem.encode(), mode=PUBLIC)
-        updated = facts.model_copy(update={"not_after": renewal.not_after})
+        updated = facts.model_copy(update={"not_after": renewal.not_after, "received_at": renewal.received_at})
         write_file_atomic(self.directory / IDENTITY_FILE, updated.model_dump_json(indent=2).encode() + b"\n")
         path.unlink(missing_ok=True)
 
@@ -358,6 +365,7 @@ class IdentityStore:
             device_class=identity.device_class,
             name=identity.name,
             not_after=identity.not_after,
+            received_at=identity.received_at,
             heartbeat_interval=identity.hints.heartbeat_interval,
             reconnect_backoff_initial=identity.hints.reconnect_backoff_initial,
             reconnect_backoff_max=identity.hints.reconnect_backoff_max,
@@ -474,6 +482,7 @@ def _identity_from_response(
         device_class=response.device_class,
         name=name or response.device_id,
         not_after=not_after,
+        received_at=datetime.now(UTC),
         credentials=DeviceCredentials(
             key_pem=key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -487,13 +496,21 @@ def _identity_from_response(
 
 
 def renewal_due(identity: DeviceIdentity) -> datetime:
-    """When to renew: :data:`RENEW_AT` of the way from the certificate's not-before to its not-after."""
+    """When to renew: :data:`RENEW_AT` of the way from when the certificate was received to its not-after.
+
+    Not from its not-before: the gateway backdates that (``CLOCK_SKEW``, 5 minutes) so that devices
+    whose clocks lag accept it, and counting the backdating in made a certificate of a few minutes'
+    lifetime due at once, renewed into another one due at once (identities stored before
+    ``received_at`` existed still count from the not-before).
+    """
     try:
         leaf = x509.load_pem_x509_certificates(identity.credentials.certificate_chain_pem)[0]
-        not_before = leaf.not_valid_before_utc
+        start = leaf.not_valid_before_utc
     except ValueError:
         return identity.not_after  # unreadable here; the TLS handshake will say more
-    return not_before + (identity.not_after - not_before) * RENEW_AT
+    if identity.received_at is not None:
+        start = max(start, min(identity.received_at, identity.not_after))
+    return start + (identity.not_after - start) * RENEW_AT
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -520,6 +537,7 @@ def renewed_identity(
         device_class=current.device_class,
         name=current.name,
         not_after=renewed.not_after,
+        received_at=renewed.received_at,
         credentials=renewed.credentials,
         hints=hints,
     )

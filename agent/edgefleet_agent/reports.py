@@ -2,8 +2,8 @@
 
 An install report is written to ``STATE/reports/<revision>-<namespace>.<model>.json`` (atomically)
 before the assignment counts as applied and is deleted only when the gateway acknowledges it, so a
-report survives a lost connection and a restart. The gateway drops duplicates, so sending one twice
-is harmless.
+report survives a lost connection and a restart (on a full disk it is kept in memory instead). The
+gateway drops duplicates, so sending one twice is harmless.
 
 The conversions are the only place the agent touches these protobuf messages: the Updater and the
 runtime see plain values (:mod:`edgefleet_agent.assignments`). A malformed assignment is logged and
@@ -71,10 +71,16 @@ _RESULT = TypeAdapter(InstallResult)
 
 
 class ReportQueue:
-    """Install reports not yet acknowledged by the gateway, one JSON file each."""
+    """Install reports not yet acknowledged by the gateway, one JSON file each.
+
+    A report that cannot be written (a full disk) is kept in memory instead, until acknowledged: the
+    device keeps serving and the gateway still learns what happened; only a restart before the
+    acknowledgement loses it.
+    """
 
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / REPORTS_DIR
+        self._unsaved: dict[str, InstallResult] = {}
 
     @staticmethod
     def file_name(result: InstallResult) -> str:
@@ -85,29 +91,41 @@ class ReportQueue:
         path = self.directory / self.file_name(result)
         if not is_safe_path(path.name):
             raise ValueError(f"install report for an unsafe model name: {path.name!r}")
-        write_file_atomic(path, _RESULT.dump_json(result, indent=2) + b"\n")
+        try:
+            write_file_atomic(path, _RESULT.dump_json(result, indent=2) + b"\n")
+        except OSError as e:
+            logger.error("cannot write install report %s (%s); keeping it in memory until acknowledged", path, e)
+            self._unsaved[path.name] = result
+            return path
+        self._unsaved.pop(path.name, None)
         return path
 
     def pending(self) -> list[InstallResult]:
         """Every unacknowledged report, oldest revision first. Unreadable files are set aside, not fatal."""
-        if not self.directory.is_dir():
-            return []
-        results: list[InstallResult] = []
-        for path in sorted(self.directory.glob("*.json")):
+        found: dict[str, InstallResult] = {}
+        paths = sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []
+        for path in paths:
             try:
                 if path.stat().st_size > MAX_REPORT_BYTES:
                     raise ValueError(f"over {MAX_REPORT_BYTES} bytes")
-                results.append(_RESULT.validate_json(path.read_bytes()))
+                found[path.name] = _RESULT.validate_json(path.read_bytes())
             except (OSError, ValueError, ValidationError) as e:
                 # Keep it for a human to look at, out of the way of the sender.
                 logger.warning("install report %s is unreadable (%s); moving it aside", path, e)
                 path.replace(path.with_suffix(".bad"))
-        results.sort(key=lambda r: (r.revision, r.model_namespace, r.model_name))
-        return results
+        found.update(self._unsaved)  # newer than a file of the same name: that one could not be replaced
+        return sorted(found.values(), key=lambda r: (r.revision, r.model_namespace, r.model_name))
 
     def ack(self, result: InstallResult) -> None:
         """The gateway has it: forget it, unless a newer attempt's report took its place meanwhile."""
         path = self.directory / self.file_name(result)
+        unsaved = self._unsaved.get(path.name)
+        if unsaved is not None:
+            if unsaved != result:
+                return
+            del self._unsaved[path.name]
+            path.unlink(missing_ok=True)  # an older attempt's file, superseded by the one just acknowledged
+            return
         try:
             stored = _RESULT.validate_json(path.read_bytes())
         except FileNotFoundError:

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -33,7 +34,6 @@ from edgefleet_agent.errors import (
 )
 from edgefleet_agent.metrics import UNKNOWN_MODEL, AgentMetrics, InferenceErrorKind, ServedModel
 from edgefleet_agent.pipeline import DEFAULT_DEPTH, LocalStage, PipelinedExecutor
-from edgefleet_core.bundle.distribution import version_key
 from edgefleet_core.bundle.manifest import BundleManifest
 from edgefleet_core.bundle.selftest import ORT_TYPES, SelfTest, check_outputs, generate_inputs
 from edgefleet_core.errors import BundleError
@@ -73,6 +73,9 @@ class ModelWindowStats:
     latency_p95_ms: float
     latency_p99_ms: float
     accelerator_fallback_count: int
+    started_at: datetime | None = None
+    """When the first request of the window this version served started (for an idle entry: when it
+    was activated, if during the window); where a report splits its window at a version switch."""
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,8 @@ class LoadedModel:
 @dataclass
 class _Window:
     slot: SlotName | None
+    started_at: datetime | None
+    """When the first request recorded in this window started (wall clock); see ModelWindowStats."""
     count: int = 0
     errors: int = 0
     fallbacks: int = 0
@@ -279,6 +284,8 @@ class _Served:
     active: LoadedModel | None = None
     previous: LoadedModel | None = None
     loading: bool = False
+    activated_at: datetime | None = None
+    """When ``active`` started serving."""
 
 
 def _percentile(samples: Sequence[float], q: float) -> float:
@@ -402,6 +409,8 @@ class ModelRuntime:
                 served.previous = served.active
             if served.previous is not None and served.previous.version == model.version:
                 served.previous = None
+            if served.active is not model:
+                served.activated_at = datetime.now(UTC)
             served.active = model
         log.info("[%s/%s] serving %s from slot %s", model.namespace, model.name, model.version, model.slot)
 
@@ -461,6 +470,7 @@ class ModelRuntime:
     ) -> Prediction:
         """Serve one request on the active version (or the pinned one); typed errors for bad requests."""
         started = time.perf_counter()
+        started_at = datetime.now(UTC)
         try:
             model = self._pick(namespace, name, version)
         except UnknownModel:
@@ -475,19 +485,21 @@ class ModelRuntime:
         except (InvalidTensors, InferenceFailed) as exc:
             kind: InferenceErrorKind = "invalid_request" if isinstance(exc, InvalidTensors) else "failed"
             self.metrics.inference_error(name, kind)
-            self._record(model, None)
+            self._record(model, started_at, None)
             raise
         total = time.perf_counter() - started
         self.metrics.inference(name, total, fallback=model.degraded)
-        self._record(model, total)
+        self._record(model, started_at, total)
         return Prediction(model.version, [(n, outputs[n]) for n in names], [*timings, ("total", total)])
 
-    def _record(self, model: LoadedModel, seconds: float | None) -> None:
+    def _record(self, model: LoadedModel, started_at: datetime, seconds: float | None) -> None:
+        """Count one request against the version that served it (chosen when the request started)."""
         key = (model.namespace, model.name, model.version)
         with self._lock:
             window = self._windows.get(key)
             if window is None:
-                window = self._windows[key] = _Window(model.slot)
+                window = self._windows[key] = _Window(model.slot, started_at)
+            window.started_at = started_at if window.started_at is None else min(window.started_at, started_at)
             window.count += 1
             if seconds is None:
                 window.errors += 1
@@ -499,14 +511,15 @@ class ModelRuntime:
     # --- reporting -----------------------------------------------------------------------------
 
     def drain_windows(self) -> list[ModelWindowStats]:
-        """Statistics since the last call: one entry per model (fleet.proto's ModelHealth).
+        """Statistics since the last call: one entry per model version that served (fleet.proto's ModelHealth).
 
-        When versions switched during the window, the entry names the version active at its end
-        and counts every request of the window, whichever version served it.
+        Each request counts against the version that served it. When versions switched during the
+        window a model has several entries, oldest first (by their first request), and the version
+        active now is always the last one, even if idle: a served model reports every window.
         """
         with self._lock:
             windows, self._windows = self._windows, {}
-            active = {key: s.active for key, s in self._models.items() if s.active is not None}
+            active = {key: s for key, s in self._models.items() if s.active is not None}
         per_model: dict[tuple[str, str], list[tuple[str, _Window]]] = {}
         for (namespace, name, version), window in windows.items():
             per_model.setdefault((namespace, name), []).append((version, window))
@@ -514,28 +527,33 @@ class ModelRuntime:
             per_model.setdefault(key, [])
         stats = []
         for (namespace, name), parts in sorted(per_model.items()):
-            current = active.get((namespace, name))
-            if current is not None:
-                version, slot = current.version, current.slot
-            else:  # unloaded during the window: the version that served last
-                version, window = max(parts, key=lambda part: version_key(part[0]))
-                slot = window.slot
-            samples = [ms for _, window in parts for ms in window.latencies_ms]
-            stats.append(
-                ModelWindowStats(
-                    model_namespace=namespace,
-                    model_name=name,
-                    version=version,
-                    slot=slot,
-                    inference_count=sum(window.count for _, window in parts),
-                    error_count=sum(window.errors for _, window in parts),
-                    latency_p50_ms=_percentile(samples, 50),
-                    latency_p95_ms=_percentile(samples, 95),
-                    latency_p99_ms=_percentile(samples, 99),
-                    accelerator_fallback_count=sum(window.fallbacks for _, window in parts),
-                )
-            )
+            served = active.get((namespace, name))
+            current = served.active if served is not None else None
+            # Oldest first; the version active now last.
+            parts.sort(key=lambda part: (current is not None and part[0] == current.version, part[1].started_at))
+            if served is not None and current is not None and (not parts or parts[-1][0] != current.version):
+                # The active version served nothing in this window: reported idle, since its switch
+                # when that came within the window (another version served in it).
+                parts.append((current.version, _Window(current.slot, served.activated_at if parts else None)))
+            stats += [self._window_stats(namespace, name, version, window) for version, window in parts]
         return stats
+
+    @staticmethod
+    def _window_stats(namespace: str, name: str, version: str, window: _Window) -> ModelWindowStats:
+        samples = list(window.latencies_ms)
+        return ModelWindowStats(
+            model_namespace=namespace,
+            model_name=name,
+            version=version,
+            slot=window.slot,
+            inference_count=window.count,
+            error_count=window.errors,
+            latency_p50_ms=_percentile(samples, 50),
+            latency_p95_ms=_percentile(samples, 95),
+            latency_p99_ms=_percentile(samples, 99),
+            accelerator_fallback_count=window.fallbacks,
+            started_at=window.started_at,
+        )
 
     def _served_models(self) -> list[ServedModel]:
         """Every active version, for the metrics (read at scrape time)."""

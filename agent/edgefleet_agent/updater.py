@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from tuf.api.exceptions import DownloadError, DownloadLengthMismatchError
+from tuf.api.exceptions import DownloadError, DownloadLengthMismatchError, ExpiredMetadataError
 
 from edgefleet_agent.assignments import AssignmentSpec, InstallResult, Outcome, Phase, SlotName
 from edgefleet_agent.errors import InstallFailed, ModelLoadError, SlotCorrupt, SlotError
@@ -46,6 +46,7 @@ from edgefleet_core.atomic import write_file_atomic
 from edgefleet_core.bundle.distribution import MANIFEST, BundleRef, fetch_bundle
 from edgefleet_core.bundle.manifest import MAX_MANIFEST_BYTES, BundleManifest, parse_manifest
 from edgefleet_core.errors import BundleError, BundleVerificationError, VerificationError
+from edgefleet_core.failpoints import failpoint
 from edgefleet_core.signing.client import TufClient
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 CRASH_LOOP_ATTEMPTS: Final = 3
 """Trials of one (model, revision) that may end with the process gone before it is reported failed."""
 ATTEMPTS_FILE: Final = "updater.json"
+_OUT_OF_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""A full disk, a quota, or a file-size limit (RLIMIT_FSIZE): all "make room", none a bug."""
 MAX_ATTEMPTS_BYTES: Final = 1 << 20
 
 
@@ -100,7 +103,11 @@ class _Attempts:
             self._save()
 
     def _save(self) -> None:
-        write_file_atomic(self._path, json.dumps({"attempts": self._counts}, sort_keys=True).encode())
+        try:
+            write_file_atomic(self._path, json.dumps({"attempts": self._counts}, sort_keys=True).encode())
+        except OSError as exc:
+            # A full disk: the counters live on in memory; only a crash loop across restarts goes uncounted.
+            log.warning("cannot write %s (%s); trial counters kept in memory", self._path, exc)
 
 
 @dataclass
@@ -155,12 +162,18 @@ def _verification_failure(exc: VerificationError, phase: Phase) -> InstallFailed
 
     Told apart by the python-tuf exception :class:`VerificationError` was raised from: a
     ``DownloadError`` is the transport (except a length overrun, which is the data being wrong),
-    a ``RepositoryError`` is the repository's data refused. Without one, our own code refused it
-    (a target not in the signed metadata).
+    a ``RepositoryError`` is the repository's data refused — except expired metadata, ``failed``
+    with reason ``MetadataExpired`` (retried: fresh metadata fixes it). Without one, our own code
+    refused it (a target not in the signed metadata).
     """
     cause = exc.__cause__
     if cause is None:
         return InstallFailed("refused_verification", "NotPublished", str(exc), phase)
+    if isinstance(cause, ExpiredMetadataError):
+        # Nothing is wrong with the bundle: the repository's signatures are out of date (a control
+        # plane that stopped renewing them, or a frozen mirror). Refused now, retried later: fresh
+        # metadata, once published, lets the same revision through.
+        return InstallFailed("failed", "MetadataExpired", str(exc), "verify")
     if isinstance(cause, DownloadError) and not isinstance(cause, DownloadLengthMismatchError):
         return InstallFailed("failed", "DownloadFailed", str(exc), "download")
     return InstallFailed("refused_verification", type(cause).__name__, str(exc), phase)
@@ -342,9 +355,11 @@ class Updater:
                 )
                 return run.result(failure.outcome, failure.reason, failure.message, failure.phase, active)
             except (SlotError, OSError) as exc:
-                reason = "OutOfSpace" if getattr(exc, "errno", None) == errno.ENOSPC else "StateWriteFailed"
+                full = getattr(exc, "errno", None) in _OUT_OF_SPACE
+                reason = "OutOfSpace" if full else "StateWriteFailed"
+                message = f"the state folder {self.state_dir} is full: {exc}" if full else str(exc)
                 phase: Phase = "decode" if run.current == "download" else run.current
-                return run.result("failed", reason, str(exc), phase, self._committed_slot(slots))
+                return run.result("failed", reason, message, phase, self._committed_slot(slots))
 
     @staticmethod
     def _committed_slot(slots: ModelSlots) -> SlotName | None:
@@ -398,9 +413,8 @@ class Updater:
             raise InstallFailed("failed", "CrashLoop", message, "self_test")
         free = shutil.disk_usage(self.state_dir if self.state_dir.exists() else self.state_dir.parent).free
         if free < a.bundle_length:
-            raise InstallFailed(
-                "failed", "OutOfSpace", f"{free} bytes free, the bundle needs {a.bundle_length}", "download"
-            )
+            message = f"{free} bytes free in the state folder {self.state_dir}, the bundle needs {a.bundle_length}"
+            raise InstallFailed("failed", "OutOfSpace", message, "download")
         self._check(cancelled)
         client = self._tuf_client()
         with run.phase("verify"):
@@ -426,6 +440,7 @@ class Updater:
         self._check(cancelled)
         target = slots.inactive_slot()
         with run.phase("decode"):
+            failpoint("agent.update.decode")  # decoded and checked in memory; the slot not yet written
             self.runtime.forget_slot(a.model_namespace, a.model_name, target)  # its version is overwritten now
             slots.write_slot(target, fetched.manifest, dict(fetched.files))
             try:
@@ -490,14 +505,17 @@ class Updater:
         a = run.assignment
         version = verified.manifest.version
         with run.phase("activate"):
+            failpoint("agent.update.switch")  # the slot is written and verified; the pointer not yet flipped
             # Counted before the trial starts: if the self-test takes the process down, recover() sees it.
             self._attempts.bump(a.model_namespace, a.model_name, a.revision)
             slots.begin_trial(verified.slot, version, a.revision)
+            failpoint("agent.update.switched")  # the pointer names the new slot, as an uncommitted trial
         unexpected = False
         try:
             with run.phase("self_test"):
                 try:
                     loaded = self._load(slots, verified)
+                    failpoint("agent.update.selftest")  # sessions created, golden inputs not yet run
                     failure = self.runtime.self_test(loaded, verified.manifest.self_test)
                 except ModelLoadError as exc:
                     raise InstallFailed("rolled_back", "SelfTestLoad", str(exc), "self_test") from None
@@ -511,7 +529,9 @@ class Updater:
                 if failure is not None:
                     raise InstallFailed("rolled_back", failure.reason, failure.message, "self_test")
             with run.phase("activate"):
+                failpoint("agent.update.commit")  # the self-test passed; the trial not yet committed
                 slots.commit()
+                failpoint("agent.update.committed")  # committed on disk; the runtime still serves the old version
         except Exception as exc:
             # Not for BaseException (SystemExit, KeyboardInterrupt): the process is going down, and
             # recover() at the next start rolls the trial back exactly as after a kill.

@@ -7,88 +7,29 @@ new one, never a half-written one — and finish or retry the update by itself.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
-from edgefleet_core.optimize.model_io import serialize
 from edgefleet_core.store.local import LocalStore
-from edgefleet_operator.fleet.records import InstallRecord
 from edgefleet_operator.fleet.state import FleetState
-from edgefleet_proto.v1 import inference_pb2, inference_pb2_grpc
-from tests.support.fleet import FleetSite, Process, fleet_site, gateway_address, inference_address, wait_for
+from edgefleet_proto.v1 import inference_pb2
+from tests.support.agent_faults import CLASS, MODEL, NAMESPACE, VERSIONS
+from tests.support.agent_faults import model_status as _status
+from tests.support.agent_faults import publish_versions as _publish_versions
+from tests.support.agent_faults import record as _record
+from tests.support.agent_faults import records as _records
+from tests.support.agent_faults import verified_on_disk as _verified_on_disk
+from tests.support.fleet import FleetSite, fleet_site, gateway_address, wait_for
 from tests.support.netproxy import TcpProxy
-from tests.support.tiny_models import wide_mlp
 
 pytestmark = pytest.mark.integration
-NAMESPACE = "demo"
-MODEL = "wide"
-CLASS = "cpu-small"
-VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
 KILL_TRIALS = 50
 PARALLEL_AGENTS = 2
-
-
-def _publish_versions(site: FleetSite, folder: Path, width: int = 1024) -> None:
-    for seed, version in enumerate(VERSIONS, start=1):
-        path = folder / version / "model.onnx"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(serialize(wide_mlp(seed=seed, width=width)))
-        site.publish(path, name=MODEL, version=version, device_class=CLASS)
-
-
-def _records(state: FleetState, device: str, revision: int) -> list[InstallRecord]:
-    """Every report on one revision from one device, oldest first (one per attempt)."""
-    found = [r for _, name, r in state.installs(NAMESPACE) if name == device and r.revision == revision]
-    return sorted(found, key=lambda r: r.finished_at)
-
-
-def _record(state: FleetState, device: str, revision: int, outcome: str | None = None) -> InstallRecord | None:
-    """The latest report on a revision (with that outcome, if given), or ``None`` yet."""
-    found = [r for r in _records(state, device, revision) if outcome is None or r.outcome == outcome]
-    return found[-1] if found else None
-
-
-def _status(process: Process) -> inference_pb2.ModelStatus | None:
-    with grpc.insecure_channel(inference_address(process)) as channel:
-        response = inference_pb2_grpc.InferenceStub(channel).GetModelStatus(
-            inference_pb2.GetModelStatusRequest(model_name=MODEL), timeout=10
-        )
-    return response.models[0] if response.models else None
-
-
-def _verified_on_disk(state_dir: Path) -> str | None:
-    """The version a restarted agent may serve: the committed slot, re-hashed against its manifest.
-
-    Reads the documented state layout directly (not through the agent's code) so that a bug in the
-    agent's own verification cannot hide a partial slot.
-    """
-    model_dir = state_dir / "models" / NAMESPACE / MODEL
-    pointer_file = model_dir / "current.json"
-    if not pointer_file.exists():
-        return None
-    pointer = json.loads(pointer_file.read_text())
-    # An uncommitted trial is rolled back at start-up: what counts is the last committed slot.
-    if pointer.get("committed", True):
-        slot, version = pointer["active_slot"], pointer["active_version"]
-    else:
-        slot, version = pointer["previous_slot"], pointer["previous_version"]
-    if slot is None:
-        return None
-    folder = model_dir / f"slot-{slot}"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["version"] == version, (pointer, manifest["version"])
-    for entry in manifest["files"]:
-        digest = hashlib.sha256((folder / entry["name"]).read_bytes()).hexdigest()
-        assert digest == entry["sha256"], f"{folder / entry['name']} does not match its manifest"
-    return str(version)
 
 
 @dataclass

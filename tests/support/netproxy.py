@@ -1,8 +1,18 @@
-"""A TCP proxy on loopback for fault tests: rate limits, cuts and byte counts between two real peers.
+"""A TCP proxy on loopback for fault tests: rate limits, cuts, stalls, refusals and byte counts between two peers.
 
 It forwards bytes untouched (TLS passes through end to end), so what it can do is what a network can
 do: be slow, stall, or drop connections. It runs its own event loop in a thread, so a test can use it
 beside subprocesses and synchronous clients.
+
+The faults, as a peer sees them:
+
+- :meth:`TcpProxy.cut`: every open connection is reset at once (new ones still work);
+- :meth:`TcpProxy.stall`: connections stay open but nothing crosses, open or new ones alike: a hang,
+  never a reset, so only keepalives and deadlines can tell;
+- :meth:`TcpProxy.drop`: new connections are closed as soon as they are accepted (with :meth:`cut`, a
+  full outage that fails fast);
+- :meth:`TcpProxy.resume`: back to forwarding; ``abandon=True`` leaves the connections stalled until
+  then hung for good (a NAT or firewall that lost their state), so only new connections work.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ class ProxyStats:
     upstream_bytes: int = 0
     downstream_bytes: int = 0
     connections: int = 0
+    dropped: int = 0
+    """Connections closed at accept while dropping."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -37,6 +49,10 @@ class TcpProxy:
         self.rate_bytes_per_s = rate_bytes_per_s
         self.stats = ProxyStats()
         self.stalled = False
+        self.dropping = False
+        """While set, new connections are closed as soon as they are accepted."""
+        self._abandoned: set[asyncio.StreamWriter] = set()
+        """Writers of connections left hung for good by ``resume(abandon=True)``."""
         self.corrupt_downstream_after: int | None = None
         """When set, flip one byte of the first downstream chunk past this many bytes, once."""
         self._requested_port = port
@@ -58,6 +74,11 @@ class TcpProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with self.stats.lock:
             self.stats.connections += 1
+        if self.dropping:
+            with self.stats.lock:
+                self.stats.dropped += 1
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -79,7 +100,7 @@ class TcpProxy:
                 data = await reader.read(64 * 1024)
                 if not data:
                     break
-                while self.stalled:
+                while self.stalled or writer in self._abandoned:
                     await asyncio.sleep(0.01)
                 if self.rate_bytes_per_s is not None:
                     sent += len(data)
@@ -116,6 +137,25 @@ class TcpProxy:
                     writer.transport.abort()
 
         asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(timeout=10)
+
+    def stall(self) -> None:
+        """Hold every byte from now on, on open and new connections alike (peers see a hang, not a reset)."""
+        self.stalled = True
+
+    def drop(self) -> None:
+        """Close new connections as soon as they are accepted (open ones are untouched: see :meth:`cut`)."""
+        self.dropping = True
+
+    def resume(self, *, abandon: bool = False) -> None:
+        """Forward again. ``abandon``: the connections open now stay hung for good; only new ones work."""
+
+        async def mark() -> None:
+            self._abandoned.update(self._writers)
+
+        if abandon:
+            asyncio.run_coroutine_threadsafe(mark(), self._loop).result(timeout=10)
+        self.dropping = False
+        self.stalled = False
 
     def retarget(self, target_port: int) -> None:
         """Send new connections to another port (a restarted server)."""

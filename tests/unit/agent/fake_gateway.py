@@ -152,6 +152,8 @@ class FakeGateway(fleet_pb2_grpc.FleetGatewayServicer):
         self.assignments: list[fleet_pb2.Assignment] = []
         self.new_assignment = asyncio.Event()
         self.next_interval: float | None = None
+        self.health_failures = 0
+        """ReportHealth calls still to refuse with UNAVAILABLE (a gateway that cannot take them now)."""
         self.namespace = "default"
         self.device_class = "cpu-small"
         self.hints = fleet_pb2.GatewayHints()
@@ -222,6 +224,9 @@ class FakeGateway(fleet_pb2_grpc.FleetGatewayServicer):
     async def ReportHealth(
         self, request: fleet_pb2.HealthReport, context: aio.ServicerContext[Any, Any]
     ) -> fleet_pb2.HealthAck:
+        if self.health_failures > 0:
+            self.health_failures -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not now")
         self.health.append(request)
         ack = fleet_pb2.HealthAck()
         if self.next_interval is not None:

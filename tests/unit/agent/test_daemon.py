@@ -21,10 +21,19 @@ from typer.testing import CliRunner
 
 from edgefleet_agent.assignments import AssignmentSpec, InstallResult
 from edgefleet_agent.cli import app
-from edgefleet_agent.daemon import Agent, AgentConfigError, AgentSettings, Components, Progress, StoppableServer
+from edgefleet_agent.daemon import (
+    Agent,
+    AgentConfigError,
+    AgentSettings,
+    Components,
+    Progress,
+    StoppableServer,
+    health_reports,
+)
 from edgefleet_agent.identity import DeviceIdentity, EnrollmentError
 from edgefleet_agent.metrics import AgentMetrics
 from edgefleet_agent.runtime import ModelWindowStats
+from edgefleet_agent.system import DeviceStats
 from edgefleet_core.signing.client import TufClient
 from edgefleet_proto.v1 import fleet_pb2
 from tests.unit.agent.fake_gateway import TOKEN, FakeGateway, FleetPki, RunningGateway, start_gateway
@@ -309,6 +318,83 @@ async def test_the_agent_keeps_serving_while_the_gateway_is_down(
     await until(lambda: "health report: UNAVAILABLE" in caplog.text)
     assert not task.done()
     assert not world.server.stopped
+    await stopped(agent, task)
+
+
+@pytest.mark.asyncio
+async def test_health_windows_the_gateway_did_not_acknowledge_are_sent_again(world: World) -> None:
+    gateway = world.running.gateway
+    gateway.health_failures = 4
+    agent = world.agent()
+    task, _ = await started(agent)
+    await until(lambda: len(gateway.health) >= 6)
+    await stopped(agent, task)
+    # Every window arrived once, in order, each starting where the previous one ended: none lost.
+    starts = [r.window_start.ToDatetime(UTC) for r in gateway.health]
+    ends = [s + r.window.ToTimedelta() for s, r in zip(starts, gateway.health, strict=True)]
+    assert starts[1:] == ends[:-1]
+    assert all(r.models[0].inference_count == 5 for r in gateway.health)
+
+
+def _window(version: str, slot: str, count: int, errors: int, started: datetime | None, name: str = "digits"
+            ) -> ModelWindowStats:  # fmt: skip
+    return ModelWindowStats("vision", name, version, slot, count, errors, 1.0, 2.0, 3.0, 0, started)  # type: ignore[arg-type]
+
+
+def test_a_window_with_a_version_switch_is_split_so_each_version_gets_its_own_counts() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    end = start + timedelta(seconds=30)
+    switch = start + timedelta(seconds=12)
+    stats = DeviceStats(cpu_percent=1.0, memory_used_bytes=1, memory_total_bytes=2, disk_used_bytes=1,
+                        disk_total_bytes=2, energy_joules=None)  # fmt: skip
+    windows = [
+        _window("1.0.0", "a", 100, 7, start + timedelta(seconds=1)),
+        _window("2.0.0", "b", 50, 0, switch),
+        _window("4.0.0", "a", 9, 1, start, name="other"),
+    ]
+    first, second = health_reports(start, end, stats_models=windows, stats=stats)
+    assert [(m.model_name, m.version, m.error_count) for m in first.models] == [("digits", "1.0.0", 7)]
+    assert [(m.model_name, m.version, m.error_count) for m in second.models] == [
+        ("digits", "2.0.0", 0),
+        ("other", "4.0.0", 1),
+    ]
+    assert first.window_start.ToDatetime(UTC) == start
+    assert first.window_start.ToDatetime(UTC) + first.window.ToTimedelta() == switch
+    assert second.window_start.ToDatetime(UTC) == switch
+    assert switch + second.window.ToTimedelta() == end
+    # No switch: one report for the whole window.
+    [only] = health_reports(start, end, stats_models=windows[1:], stats=stats)
+    assert only.window.ToTimedelta() == end - start
+
+
+@pytest.mark.asyncio
+async def test_an_expired_certificate_enrolls_again_with_a_token_and_says_what_to_do_without(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = world.running.gateway
+    gateway.enroll_validity = gateway.renew_validity = timedelta(seconds=1)
+    agent = world.agent()
+    task, _ = await started(agent)
+    await stopped(agent, task)
+    assert agent.identity is not None
+    expires = agent.identity.not_after
+    await until(lambda: datetime.now(UTC) > expires)
+    # No token: the agent still starts (inference must not depend on the gateway) and says why the
+    # gateway refuses it and what to do.
+    agent = world.agent(token=None)
+    task, ready = await started(agent)
+    assert ready
+    assert len(gateway.enrolls) == 1
+    assert "certificate expired at" in caplog.text
+    assert "restart the agent with a new bootstrap token" in caplog.text
+    await stopped(agent, task)
+    # A token: enrolled again.
+    gateway.enroll_validity = timedelta(days=1)
+    agent = world.agent()
+    task, _ = await started(agent)
+    assert len(gateway.enrolls) == 2
+    assert agent.identity is not None
+    assert agent.identity.not_after > datetime.now(UTC) + timedelta(hours=1)
     await stopped(agent, task)
 
 

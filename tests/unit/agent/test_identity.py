@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -277,3 +278,28 @@ def test_a_renewal_that_never_became_durable_leaves_the_old_pair(tmp_path: Path)
     after = store.load()
     assert after is not None
     assert after.credentials == renewed.credentials
+
+
+def test_renewal_counts_the_lifetime_from_receipt_not_from_the_backdated_not_before(tmp_path: Path) -> None:
+    # Found by the certificate-expiry fault test: the gateway backdates not-before by 5 minutes for
+    # lagging clocks, so a certificate of a few minutes was "due" at once, renewed into another one
+    # due at once, and then (renewals being at least a minute apart) left to expire.
+    pki = FleetPki()  # backdates one minute
+    current = _enrolled_identity(tmp_path, pki)[1]
+    key = new_key()
+    chain = pki.sign_csr(certificate_signing_request(key, "dev-1"), current.device_id, timedelta(seconds=60))
+    response = fleet_pb2.EnrollResponse(certificate_chain_pem=chain.decode(), ca_bundle_pem=pki.ca_pem.decode(),
+                                        device_id=current.device_id, namespace=current.namespace,
+                                        device_class=current.device_class)  # fmt: skip
+    before = datetime.now(UTC)
+    renewed = renewed_identity(response, key, current)
+    assert renewed.received_at is not None
+    assert before <= renewed.received_at <= datetime.now(UTC)
+    lifetime = renewed.not_after - renewed.received_at
+    assert renewal_due(renewed) >= renewed.received_at + lifetime * 0.6  # not at once
+    store = IdentityStore(tmp_path)
+    store.save_renewed(renewed)
+    loaded = store.load()
+    assert loaded is not None
+    assert loaded.received_at == renewed.received_at
+    assert renewal_due(loaded) == renewal_due(renewed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -51,6 +52,31 @@ def test_acknowledging_an_attempt_keeps_a_newer_report_for_the_same_revision(tmp
     assert queue.pending() == [retried]
     queue.ack(retried)
     assert queue.pending() == []
+
+
+def test_a_report_that_cannot_be_written_is_kept_in_memory_until_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the full-disk fault test: an install report that could not be written (ENOSPC)
+    # raised out of the worker and took the whole agent, inference included, down.
+    queue = ReportQueue(tmp_path)
+    queue.put(RESULT)  # an older attempt, on disk
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("edgefleet_agent.reports.write_file_atomic", disk_full)
+    retried = replace(RESULT, outcome="succeeded", reason="Installed", failed_phase=None)
+    queue.put(retried)
+    later = replace(retried, revision=8)
+    queue.put(later)
+    assert queue.pending() == [retried, later]  # the newer attempt, not the stale file
+    queue.ack(RESULT)  # the stale attempt's acknowledgement does not drop the newer one
+    assert queue.pending() == [retried, later]
+    queue.ack(retried)
+    queue.ack(later)
+    assert queue.pending() == []
+    assert not list((tmp_path / "reports").glob("*.json"))
 
 
 def test_an_unreadable_report_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -123,15 +123,42 @@ def test_hot_swap_under_concurrent_requests_drops_nothing(runtime: ModelRuntime)
     # Threads finish in any order: a request started just before the last swap may end last.
     assert "4.0.0" in versions[-20:]
     assert set(versions) <= {"1.0.0", "2.0.0", "3.0.0", "4.0.0"}
-    # One entry for the model (fleet.proto: the version active at the window's end), counting
-    # every request of the window whichever version served it.
-    [window] = runtime.drain_windows()
-    assert window.version == "4.0.0"
-    assert window.inference_count == served
-    assert window.error_count == 0
-    assert 0 < window.latency_p50_ms <= window.latency_p95_ms <= window.latency_p99_ms
+    # One entry per version that served, each counting exactly the requests it served; the
+    # version active at the end comes last.
+    windows = runtime.drain_windows()
+    assert windows[-1].version == "4.0.0"
+    assert {w.version: w.inference_count for w in windows} == {v: versions.count(v) for v in set(versions)}
+    assert sum(w.inference_count for w in windows) == served
+    assert all(w.error_count == 0 for w in windows)
+    assert all(0 < w.latency_p50_ms <= w.latency_p95_ms <= w.latency_p99_ms for w in windows)
     # The replaced version stays loaded as the previous one and can be pinned.
     assert runtime.predict("digits", {"input": INPUT}, version="3.0.0", namespace=NS).version == "3.0.0"
+
+
+def test_errors_count_against_the_version_that_served_them_across_a_switch(runtime: ModelRuntime) -> None:
+    # Issue 10's known bug: at a switch a window was reported as one entry named after the version
+    # active at its end, so the old version's errors counted against the new one (and, after a
+    # rollback, the bad version's errors against the good one the rollout compares it with).
+    for _ in range(3):
+        runtime.predict("digits", {"input": INPUT}, namespace=NS)
+    for _ in range(2):
+        with pytest.raises(InvalidTensors):
+            runtime.predict("digits", {"input": INPUT[0]}, namespace=NS)
+    runtime.activate(load(runtime, "2.0.0", 1))
+    for _ in range(4):
+        runtime.predict("digits", {"input": INPUT}, namespace=NS)
+    old, new = runtime.drain_windows()
+    assert (old.version, old.slot, old.inference_count, old.error_count) == ("1.0.0", "a", 5, 2)
+    assert (new.version, new.slot, new.inference_count, new.error_count) == ("2.0.0", "b", 4, 0)
+    assert old.started_at is not None
+    assert new.started_at is not None
+    assert old.started_at <= new.started_at
+    # A request pinned to the previous version after the switch still counts against it.
+    with pytest.raises(InvalidTensors):
+        runtime.predict("digits", {"input": INPUT[0]}, version="1.0.0", namespace=NS)
+    old, new = runtime.drain_windows()
+    assert (old.version, old.inference_count, old.error_count) == ("1.0.0", 1, 1)
+    assert (new.version, new.inference_count, new.error_count) == ("2.0.0", 0, 0)
 
 
 def test_windows_count_errors_and_reset(runtime: ModelRuntime) -> None:
