@@ -478,6 +478,12 @@ class _DeviceHealth:
         self.journal_seq = max(self.journal_seq, stored.journal_seq)
         self.built = None
 
+    def last_window_start(self) -> datetime | None:
+        """Start of the newest window counted (this process's, or the resumed shard's)."""
+        if self.last is not None:
+            return self.last.window_start
+        return self.resumed_window.window_start if self.resumed_window is not None else None
+
     def changed(self, now: datetime) -> None:
         self.updated_at = now
         self.version += 1
@@ -935,6 +941,19 @@ class GatewayService:
         _check_health(sample)
         now = self._clock()
         with self._health_lock:
+            known = self._health.get(identity.device_id)
+            if (
+                known is not None
+                and known.identity.device_class == identity.device_class
+                and known.last_window_start() == sample.window_start
+            ):
+                # The agent sends one report at a time and resends it until acknowledged, so a
+                # report whose ack was lost comes back as the very window counted last: ack it
+                # again, count it once. (Equality, not "not newer": a device clock stepped back
+                # must not have its later windows dropped.)
+                logger.debug("[%s] health window %s already counted (a resend)", identity.device_id,
+                             sample.window_start)  # fmt: skip
+                return
             seq = 0
             if self._journal is not None:
                 try:  # before the ack: once acknowledged, the agent forgets the window

@@ -784,8 +784,9 @@ class HealthReport(_message.Message):
     Health
     ---------------------------------------------------------------------------------------------
 
-    A summary of one observation window. Windows of one device do not overlap; a report that is
-    lost is not resent (the next window covers only its own time).
+    A summary of one observation window. Windows of one device do not overlap. A report that is
+    not acknowledged is sent again, unchanged (same window_start), oldest first and one at a time;
+    the gateway counts a window equal to the last one it counted for the device only once.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -867,7 +868,9 @@ class ModelHealth(_message.Message):
     model_namespace: _builtins.str
     model_name: _builtins.str
     version: _builtins.str
-    """Version in the active slot during the window (the last one, if a switch happened in it)."""
+    """Version in the active slot during the window. A window in which the version switched is
+    reported as consecutive sub-windows, each naming the version that served its requests.
+    """
     slot: Global___Slot.ValueType
     """Slot the active version lives in."""
     inference_count: _builtins.int

@@ -466,8 +466,13 @@ def _model(**changes: Any) -> ModelSample:
     return dataclasses.replace(base, **changes)
 
 
+_WINDOWS = itertools.count()
+
+
 def _sample(**changes: Any) -> HealthSample:
-    base = HealthSample(START, timedelta(seconds=10), 12.5, 1 << 20, 1 << 30, 1 << 20, 1 << 30, (_model(),), None)
+    """A health report of a window of its own (each call the next 10 s window), unless ``changes`` say otherwise."""
+    start = START + timedelta(seconds=10 * next(_WINDOWS))
+    base = HealthSample(start, timedelta(seconds=10), 12.5, 1 << 20, 1 << 30, 1 << 20, 1 << 30, (_model(),), None)
     return dataclasses.replace(base, **changes)
 
 
@@ -524,6 +529,20 @@ def test_health_is_kept_in_memory_and_flushed_cumulatively(gw: Gateway) -> None:
     [aggregate] = gw.fleet.aggregate("demo", "digits")
     assert aggregate.devices_reporting == 1
     assert aggregate.inference_count == 350
+
+
+def test_a_resent_window_is_acknowledged_but_counted_once(gw: Gateway) -> None:
+    identity = gw.enroll()
+    window = _sample()
+    gw.service.report_health(identity, window)
+    gw.service.report_health(identity, window)  # its ack was lost: the agent sends it again
+    gw.service.report_health(identity, _sample())
+    stepped_back = _sample(window_start=window.window_start - timedelta(minutes=5))  # a device clock set back
+    gw.service.report_health(identity, stepped_back)
+    gw.service.flush_health()
+    [record] = gw.fleet.read_health("cpu-small")
+    assert record.totals["demo/digits@1.0.0"].windows == 3
+    assert record.totals["demo/digits@1.0.0"].inference_count == 300
 
 
 def test_a_device_keeps_health_totals_of_its_recent_versions_only(gw: Gateway) -> None:
