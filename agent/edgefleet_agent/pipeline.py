@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
 
 from edgefleet_agent.errors import InferenceError, InferenceFailed, InvalidTensors, ModelLoadError
 from edgefleet_core.optimize.runtime import CPU_EP, ORT_ERRORS
@@ -72,6 +75,26 @@ class Stage(Protocol):
     def close(self) -> None: ...
 
 
+def _refuse_external_data(source: bytes | str, label: str) -> None:
+    """Refuse a model whose tensors point at external data files.
+
+    A bundle never carries external data (the publisher refuses such models), so one that does
+    was not made by us; and ONNX Runtime resolves external-data paths against the working folder
+    for a model given as bytes, which would let a model read files that are not part of it.
+    """
+    try:
+        parsed = (
+            onnx.load_model_from_string(source)
+            if isinstance(source, bytes)
+            else onnx.load_model(source, load_external_data=False)
+        )
+    except (OSError, ValueError, DecodeError, RuntimeError):
+        return  # not a model onnx can parse: ONNX Runtime refuses it next, with its own words
+    for tensor in external_data_helper._get_all_tensors(parsed):
+        if external_data_helper.uses_external_data(tensor):
+            raise ModelLoadError(f"{label}: tensor {tensor.name!r} uses external data, which models here never do")
+
+
 class LocalStage:
     """An ONNX Runtime session in this process, with its own intra-op thread pool.
 
@@ -100,6 +123,7 @@ class LocalStage:
         options.graph_optimization_level = optimization
         options.log_severity_level = 3
         source = model if isinstance(model, bytes) else os.fspath(model)
+        _refuse_external_data(source, label)
         try:
             self._session: Any = ort.InferenceSession(source, sess_options=options, providers=chosen)
         except ORT_ERRORS as exc:

@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefleet_agent.errors import InferenceFailed, InvalidTensors
+from edgefleet_agent.errors import InferenceFailed, InvalidTensors, ModelLoadError
 from edgefleet_agent.pipeline import (
     LocalStage,
     PipelineClosed,
@@ -435,3 +436,24 @@ def test_a_plan_naming_an_absent_accelerator_runs_the_tail_on_the_cpu_and_counts
     [window] = runtime.drain_windows()
     assert window.accelerator_fallback_count == 1
     loaded.close()
+
+
+def test_a_model_with_external_data_is_refused_before_onnx_runtime_reads_any_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given as bytes, ONNX Runtime would resolve external data against the working folder."""
+    model = tiny_cnn()
+    [weight] = [t for t in model.graph.initializer if t.name == "conv_w"]
+    (tmp_path / "w.bin").write_bytes(weight.raw_data or numpy_helper.to_array(weight).tobytes())
+    length = (tmp_path / "w.bin").stat().st_size
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(length))):
+        weight.external_data.add(key=key, value=value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="tensor 'conv_w' uses external data"):
+        LocalStage(model.SerializeToString(), ["CPUExecutionProvider"], label="tail")
+    (tmp_path / "model.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match="uses external data"):
+        LocalStage(tmp_path / "model.onnx", ["CPUExecutionProvider"], label="tail")
