@@ -9,6 +9,7 @@ plain names (no folders, no ``..``) because a device writes them into its model 
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError, model_validator
@@ -109,6 +110,15 @@ class BundleManifest(_ManifestModel):
     """Golden inputs and outputs the device checks before the version takes traffic; ``None`` in older bundles."""
 
     @model_validator(mode="after")
+    def _finite_numbers(self) -> Self:
+        # JSON has no infinity (Python reads 1e400 as one) and canonical_json refuses it: refused
+        # here, a signed manifest carrying one fails as a BundleError instead of a ValueError later.
+        for name, value in (("lineage", self.lineage), ("recipe", self.recipe), ("partitionPlan", self.partition_plan)):
+            if not _all_finite(value):
+                raise ValueError(f"{name} holds a number JSON cannot carry (NaN or infinity)")
+        return self
+
+    @model_validator(mode="after")
     def _files_consistent(self) -> Self:
         roles = sorted(f.role for f in self.files)
         if roles not in (["model"], ["head", "tail"]):
@@ -141,6 +151,20 @@ class BundleManifest(_ManifestModel):
             if entry.name == name:
                 return entry
         raise BundleError(f"manifest of {self.model.namespace}/{self.model.name} {self.version} has no file {name!r}")
+
+
+def _all_finite(value: JsonValue) -> bool:
+    """Whether no float anywhere in ``value`` is NaN or infinite (iterative: depth is the sender's choice)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
 
 
 def parse_manifest(data: bytes, *, max_size: int = MAX_MANIFEST_BYTES) -> BundleManifest:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -99,15 +100,16 @@ class Candidate(_PlanModel):
     inputs the tail reads directly."""
     output_bytes: Annotated[int, Field(ge=0)]
     """Bytes of the tail's outputs sent back to the node per request."""
-    head_ms: Annotated[float, Field(gt=0)]
-    transfer_ms: Annotated[float, Field(ge=0)]
+    # Finite only: an infinity passes a lower bound, and the canonical JSON (the plan id) cannot carry it.
+    head_ms: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    transfer_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     """Modelled from the DeviceClass's link, both directions."""
-    tail_ms: Annotated[float, Field(ge=0)]
-    latency_ms: Annotated[float, Field(gt=0)]
-    throughput_per_s: Annotated[float, Field(gt=0)]
-    measured_ms: Annotated[float, Field(ge=0)] | None = None
+    tail_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    latency_ms: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    throughput_per_s: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    measured_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     """Measured head then tail, end to end in this process (no link: it is modelled, not here)."""
-    measured_latency_ms: Annotated[float, Field(ge=0)] | None = None
+    measured_latency_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     """``measured_ms`` plus the modelled ``transfer_ms``: comparable with ``latency_ms``."""
     fission: Fission | None = None
     """The operator this candidate splits in two, when a cut inside it balances the stages better
@@ -225,6 +227,14 @@ def price(costs: SegmentCosts, link: AcceleratorLink) -> Candidate:
         if costs.output_nbytes:
             transfer_ms += link.transfer_seconds(costs.output_nbytes) * 1000.0
     slowest = max(costs.head_ms, transfer_ms, costs.tail_ms)
+    if not math.isfinite(costs.head_ms + transfer_ms + costs.tail_ms):
+        # A link the CRD allows (any bandwidth above 0) can make a transfer overflow to infinity;
+        # such a cut has no usable cost, and a plan cannot carry one (its canonical JSON refuses it).
+        raise PartitionError(
+            f"cut {costs.cut_index}: the modelled cost is not finite "
+            f"(head {costs.head_ms} ms, transfer {transfer_ms} ms, tail {costs.tail_ms} ms); "
+            f"is the link's bandwidth ({link.bandwidth_mbps} MB/s) realistic?"
+        )
     return Candidate(
         cut_index=costs.cut_index,
         tensors=list(costs.tensors),
