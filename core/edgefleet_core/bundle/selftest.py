@@ -151,12 +151,29 @@ def generate_inputs(specs: Sequence[tuple[str, str, Shape]], *, seed: int = 0) -
     return arrays
 
 
+def _refuse_external_data(data: bytes, name: str) -> None:
+    """Refuse a model whose tensors point at external files: a bundle carries whole models only, and
+    ONNX Runtime would resolve the paths of a model given as bytes against the working folder."""
+    import onnx  # noqa: PLC0415 - as ONNX Runtime below
+    from google.protobuf.message import DecodeError  # noqa: PLC0415
+    from onnx import external_data_helper  # noqa: PLC0415
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError):
+        return  # ONNX Runtime refuses it next, in its own words
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            raise BundleError(f"{name}: tensor {tensor.name!r} uses external data; a bundle holds whole models")
+
+
 def _session(data: bytes, name: str) -> Any:
     # Imported here: the manifest module (and everything that parses manifests) must not pay for ONNX Runtime.
     import onnxruntime as ort  # noqa: PLC0415
 
     from edgefleet_core.optimize.runtime import CPU_EP, ORT_ERRORS  # noqa: PLC0415
 
+    _refuse_external_data(data, name)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
@@ -20,6 +21,19 @@ from tests.support.tiny_models import tiny_cnn
 from tests.unit.agent.bundle_world import head_tail, wide_identity
 
 CNN = tiny_cnn().SerializeToString()
+
+
+def _with_external_weight() -> bytes:
+    """The CNN with its conv weight moved to an external file ``w.bin`` (which need not exist)."""
+    model = tiny_cnn()
+    [weight] = [t for t in model.graph.initializer if t.name == "conv_w"]
+    length = len(weight.raw_data) or 4 * len(weight.float_data)
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(length))):
+        weight.external_data.add(key=key, value=value)
+    return model.SerializeToString()
 
 
 def test_make_self_test_records_cpu_outputs_of_the_exact_bytes() -> None:
@@ -55,6 +69,7 @@ def test_head_then_tail_feeds_the_cut_tensors_by_name() -> None:
         ({"model.onnx": CNN}, {"input": np.zeros((1, 1, 8, 8), np.float64)}, "takes tensor"),
         ({"model.onnx": CNN}, {"input": np.zeros((1, 1, 7), np.float32)}, "cannot run"),
         ({"model.onnx": wide_identity(20_000)}, None, "over the 65536-byte cap"),
+        ({"model.onnx": _with_external_weight()}, None, "tensor 'conv_w' uses external data"),
     ],
 )
 def test_make_self_test_refuses(files: dict[str, bytes], inputs: dict[str, np.ndarray] | None, message: str) -> None:
