@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from edgefleet_core.cli.main import build_app
 from edgefleet_core.optimize.model_io import serialize
+from tests.support.reliability import record_matrix
 from tests.support.tiny_models import tiny_cnn
 
 pytestmark = pytest.mark.reliability
@@ -304,6 +305,10 @@ def test_hostile_models_are_refused_before_any_allocation(tmp_path: Path) -> Non
         if results[str(path)][0] != "OK":
             wrong[name] = (results[str(path)][0], results[str(path)][1])
     assert not wrong, json.dumps(wrong, indent=1)
+    cells = {name: {"answer": results[str(path)][0], "refusal names": REFUSED[name][1] if name in REFUSED
+                    else "not a regular file"} for name, path in cases.items()}  # fmt: skip
+    cells.update({name: {"answer": "OK (accepted)", "refusal names": "—"} for name in accepted})
+    record_matrix(f"hostile ONNX models: load_model under a {HEADROOM >> 20} MiB address-space cap", cells)
 
 
 def test_the_cap_would_catch_a_loader_that_allocates_from_dims(tmp_path: Path) -> None:

@@ -38,10 +38,17 @@ def trials(quick: int, full: int) -> int:
     return full if FULL else quick
 
 
+FULL_FUZZ_FACTOR = 10
+"""``make reliability`` runs each fuzz target this many times its quick budget."""
+
+
 def fuzz_examples(quick: int) -> int:
-    """Hypothesis examples per fuzz target: ``EDGEFLEET_FUZZ_EXAMPLES`` when set (runs on demand), else ``quick``."""
+    """Hypothesis examples per fuzz target: ``EDGEFLEET_FUZZ_EXAMPLES`` when set (runs on demand), else
+    ``quick`` (ten times that in ``make reliability``)."""
     value = os.environ.get(FUZZ_ENV)
-    return max(1, int(value)) if value else quick
+    if value:
+        return max(1, int(value))
+    return quick * FULL_FUZZ_FACTOR if FULL else quick
 
 
 @dataclass
@@ -135,7 +142,9 @@ def record_load(name: str, figures: dict[str, Any]) -> None:
 
 
 def _fuzz_mode() -> str:
-    return f"{FUZZ_ENV}={os.environ[FUZZ_ENV]}" if os.environ.get(FUZZ_ENV) else "quick"
+    if os.environ.get(FUZZ_ENV):
+        return f"{FUZZ_ENV}={os.environ[FUZZ_ENV]}"
+    return f"full ({FULL_FUZZ_FACTOR}x quick)" if FULL else "quick"
 
 
 def _write(record: Scenario) -> None:
