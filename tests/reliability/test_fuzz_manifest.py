@@ -14,6 +14,7 @@ publish`` catch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -162,7 +163,7 @@ def _mutate_tree(draw: st.DrawFn, document: dict[str, Json]) -> None:
     path = draw(st.sampled_from(numeric if kind == "number" and numeric else paths))
     parent, key = _at(document, path[:-1]), path[-1]
     if kind == "replace":
-        parent[key] = draw(_json_values)
+        parent[key] = copy.deepcopy(draw(_json_values))  # sampled_from reuses objects: no shared ones
     elif kind == "number":
         parent[key] = draw(st.sampled_from([1e400, -1e400, float("nan"), 1 << 64, -1, 0, 0.5, 10**30]))
     elif kind == "delete":
@@ -172,9 +173,9 @@ def _mutate_tree(draw: st.DrawFn, document: dict[str, Json]) -> None:
     elif kind == "add":
         target = parent[key]
         if isinstance(target, dict):
-            target[draw(st.text(max_size=10))] = draw(_json_values)
+            target[draw(st.text(max_size=10))] = copy.deepcopy(draw(_json_values))
         elif isinstance(target, list):
-            target.append(draw(_json_values))
+            target.append(copy.deepcopy(draw(_json_values)))
     elif kind == "repeat" and isinstance(parent, list):
         parent.insert(key, json.loads(json.dumps(parent[key])))
     elif kind == "wrap":

@@ -22,6 +22,7 @@ recipes are cut to the passes that run in milliseconds on the tiny CNN for the q
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -175,12 +176,13 @@ def _mutate(draw: st.DrawFn, document: dict[str, Json]) -> None:
     parent, key = _at(document, path[:-1]), path[-1]
     kind = draw(st.sampled_from(["replace", "replace", "delete", "add", "repeat"]))
     if kind == "replace":
-        parent[key] = draw(st.one_of(st.sampled_from(_EXTREMES), st.integers(), st.text(max_size=8)))
+        # Copies: sampled_from reuses the same mutable objects, which later edits would share.
+        parent[key] = copy.deepcopy(draw(st.one_of(st.sampled_from(_EXTREMES), st.integers(), st.text(max_size=8))))
     elif kind == "delete":
         del parent[key]
     elif kind == "add" and isinstance(parent[key], dict):
-        parent[key][draw(st.sampled_from(["unknownField", "type", "name", "percent"]))] = draw(
-            st.sampled_from(_EXTREMES)
+        parent[key][draw(st.sampled_from(["unknownField", "type", "name", "percent"]))] = copy.deepcopy(
+            draw(st.sampled_from(_EXTREMES))
         )
     elif kind == "repeat" and isinstance(parent, list):
         parent.insert(key, json.loads(json.dumps(parent[key])))

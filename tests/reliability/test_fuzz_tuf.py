@@ -118,12 +118,14 @@ def _mutate_signed(draw: st.DrawFn, signed: dict[str, Json]) -> None:
         path = draw(st.sampled_from(paths))
         parent, key = _at(signed, path[:-1]), path[-1]
         kind = draw(st.sampled_from(["replace", "replace", "delete", "add", "bump"]))
+        # Copies: sampled_from hands out the same mutable object every time, and an "add" into a
+        # value inserted earlier could then put that object inside itself (a cycle).
         if kind == "replace":
-            parent[key] = draw(_json_values)
+            parent[key] = copy.deepcopy(draw(_json_values))
         elif kind == "delete":
             del parent[key]
         elif kind == "add" and isinstance(parent[key], dict):
-            parent[key][draw(st.text(max_size=10))] = draw(_json_values)
+            parent[key][draw(st.text(max_size=10))] = copy.deepcopy(draw(_json_values))
         elif kind == "bump" and isinstance(parent[key], int) and not isinstance(parent[key], bool):
             parent[key] += draw(st.sampled_from([-2, -1, 1, 2, 1 << 40]))
 

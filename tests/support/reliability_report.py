@@ -61,18 +61,20 @@ def render_fuzz(data: dict[str, Any]) -> str:
 
 
 def render_matrix(data: dict[str, Any]) -> str:
+    """One table per matrix, split by the callers its rows have (Enroll's callers are not the others')."""
     parts: list[str] = []
     for name, matrix in sorted(data.get("matrix", {}).items()):
         cells: dict[str, dict[str, str]] = matrix["cells"]
-        callers: list[str] = []
-        for row in cells.values():
-            callers.extend(c for c in row if c not in callers)
-        parts.append(f"**{name}**\n")
-        parts.append("| method | " + " | ".join(_cell(c) for c in callers) + " |")
-        parts.append("|---|" + "---|" * len(callers))
+        groups: dict[tuple[str, ...], list[str]] = {}
         for method, row in cells.items():
-            parts.append(f"| {_cell(method)} | " + " | ".join(_cell(row.get(c, "—")) for c in callers) + " |")
-        parts.append("")
+            groups.setdefault(tuple(row), []).append(method)
+        parts.append(f"**{name}**\n")
+        for callers, methods in groups.items():
+            parts.append("| method | " + " | ".join(_cell(c) for c in callers) + " |")
+            parts.append("|---|" + "---|" * len(callers))
+            for method in methods:
+                parts.append(f"| {_cell(method)} | " + " | ".join(_cell(cells[method][c]) for c in callers) + " |")
+            parts.append("")
     return "\n".join(parts).rstrip()
 
 
