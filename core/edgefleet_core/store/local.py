@@ -66,7 +66,8 @@ class LocalStore:
         missing: list[Path] = []
         current = directory
         while not current.is_dir():
-            if current.exists() or current.is_symlink():
+            # is_dir() again: a concurrent writer may have made the folder since the loop's test.
+            if current.is_symlink() or (current.exists() and not current.is_dir()):
                 raise StoreError(f"cannot store {key!r}: {current} is an object, not a folder")
             missing.append(current)
             current = current.parent

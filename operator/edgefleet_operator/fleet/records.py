@@ -305,6 +305,9 @@ class DeviceHealthRecord(FleetRecord):
     journal_seq: int = Field(default=0, ge=0)
     """Sequence number of the last journaled report these counts include (the writing replica's
     health journal; 0 without one): a restarted replica replays only the reports after it."""
+    journal_id: str = Field(default="", max_length=64)
+    """Which journal ``journal_seq`` counts in: a journal folder lost and made anew (a rescheduled
+    pod) numbers from 1 again, and the old numbers must not hide its reports."""
 
     @model_validator(mode="after")
     def _consistent_keys(self) -> Self:

@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import re
+import secrets
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -31,7 +33,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from edgefleet_core.atomic import fsync_dir
+from edgefleet_core.atomic import fsync_dir, write_file_atomic
 from edgefleet_core.errors import EdgeFleetError
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,11 @@ def decode_times(data: dict[str, Any]) -> tuple[datetime, timedelta]:
 
 
 class HealthJournal:
-    """The segment files of one replica's journal (not thread-safe: the service calls it under its health lock)."""
+    """The segment files of one replica's journal.
+
+    :meth:`append` and :meth:`rotate` are called under the service's health lock; :meth:`seal` and
+    :meth:`discard_closed` by the one flushing thread outside it.
+    """
 
     def __init__(self, root: Path, replica_id: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.folder = root / f"replica-{replica_id}"
@@ -89,11 +95,30 @@ class HealthJournal:
             probe.unlink()
         except OSError as e:
             raise JournalError(f"health journal folder {self.folder} is not writable: {e.strerror or e}") from e
+        self.journal_id = self._identify()
+        """Random, made with the folder: a folder made anew (an emptyDir of a rescheduled pod that kept
+        its name) numbers from 1 again, and shards name the journal their numbers count in."""
         self.max_bytes = max_bytes
         self._fd: int | None = None
+        self._sealing: list[int] = []
+        self._size_lock = threading.Lock()
         self._current: int | None = None
         self._bytes = sum(p.stat().st_size for p in self._segments())
         self.next_seq = 1
+
+    def _identify(self) -> str:
+        path = self.folder / "journal-id"
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        if len(text) == 32 and all(c in "0123456789abcdef" for c in text):
+            return text
+        # A new folder (or a damaged id): a new journal. Old segments, if any, belong to no known
+        # journal any more and are replayed in full, as a new journal's would be.
+        fresh = secrets.token_hex(16)
+        write_file_atomic(path, fresh.encode())
+        return fresh
 
     def _segments(self) -> list[Path]:
         found = [p for p in self.folder.iterdir() if _SEGMENT.match(p.name)]
@@ -138,11 +163,12 @@ class HealthJournal:
         """Start the segment new reports go to (after :meth:`replay`)."""
         self._start(self.next_seq)
 
-    def _start(self, first_seq: int) -> None:
+    def _start(self, first_seq: int, *, sync_dir: bool = True) -> None:
         path = self.folder / f"segment-{first_seq:020d}.log"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._current = first_seq
-        fsync_dir(self.folder)
+        if sync_dir:
+            fsync_dir(self.folder)
 
     def append(self, device_id: str, namespace: str, device_class: str, name: str, sample: Any) -> int:
         """Write one report; its sequence number. Raises ``OSError`` (:class:`JournalFull` too) when it cannot."""
@@ -158,9 +184,13 @@ class HealthJournal:
         ).encode()  # fmt: skip
         line = b"%08x %s\n" % (zlib.crc32(body), body)
         written = os.write(self._fd, line)
-        if written != len(line):  # a full disk part-way: the torn line is skipped on replay
+        if written != len(line):
+            # A disk full part-way: cut the torn line off again, or the next line would be glued to
+            # it and replay would stop there, losing every report after it.
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
             raise OSError(f"health journal: wrote {written} of {len(line)} bytes")
-        self._bytes += written
+        with self._size_lock:
+            self._bytes += written
         self.next_seq = seq + 1
         return seq
 
@@ -171,20 +201,40 @@ class HealthJournal:
         closed = self._current
         if self.next_seq == closed:
             return None  # nothing in it: keep writing there
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._start(self.next_seq)
+        old_fd, self._fd = self._fd, None  # never left naming a closed descriptor, if the open below fails
+        self._sealing.append(old_fd)
+        self._start(self.next_seq, sync_dir=False)
         return closed
 
-    def discard_closed(self) -> None:
-        """Delete every segment but the current one (called once all they hold is in the store)."""
-        for path in self._segments():
-            if int(_SEGMENT.match(path.name)[1]) != self._current:  # type: ignore[index]
-                self._bytes -= path.stat().st_size
-                path.unlink()
+    def seal(self) -> None:
+        """Sync and close the segments :meth:`rotate` closed (outside the caller's lock: fsync is slow)."""
+        while self._sealing:
+            fd = self._sealing.pop()
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         fsync_dir(self.folder)
 
+    def discard_closed(self) -> None:
+        """Delete every segment but the current one (called once all they hold is in the store).
+
+        Called by the flushing thread without the service's lock (unlinks and a folder fsync are
+        slow); the size count it shares with :meth:`append` has a lock of its own.
+        """
+        removed = False
+        for path in self._segments():
+            if int(_SEGMENT.match(path.name)[1]) != self._current:  # type: ignore[index]
+                size = path.stat().st_size
+                path.unlink()
+                removed = True
+                with self._size_lock:
+                    self._bytes -= size
+        if removed:
+            fsync_dir(self.folder)
+
     def close(self) -> None:
+        self.seal()
         if self._fd is not None:
             os.fsync(self._fd)
             os.close(self._fd)

@@ -253,6 +253,8 @@ class GatewayServer:
                 await asyncio.to_thread(self.service.flush_health)
             except (FleetError, StoreError) as e:
                 logger.warning("cannot write health records (kept for the next try): %s", e)
+            except OSError as e:  # the health journal's disk; the flusher must keep going all the same
+                logger.error("health journal: %s (the records are kept for the next try)", e)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new calls, let calls finish for ``grace`` s, flush health."""
@@ -286,9 +288,12 @@ class GatewayServer:
         try:
             written = await asyncio.to_thread(self.service.flush_health)
             logger.info("gateway stopped; wrote %d health shard(s) (replica %s)", written, self.service.replica_id)
-        except (FleetError, StoreError) as e:
+        except (FleetError, StoreError, OSError) as e:
             logger.warning("cannot write health records on shutdown (the journal keeps them, if any): %s", e)
-        self.service.close_journal()
+        try:
+            self.service.close_journal()
+        except OSError as e:
+            logger.error("health journal: cannot close it cleanly: %s", e)
         if self._metrics_http is not None:
             http, thread = self._metrics_http
             http.shutdown()

@@ -461,6 +461,8 @@ class _DeviceHealth:
     """The window of the shard this replica resumed (same replica id), until a newer report comes."""
     journal_seq: int = 0
     """Sequence number of the last journaled report these counts include (0: none)."""
+    journal_id: str = ""
+    """The journal ``journal_seq`` numbers in (see ``DeviceHealthRecord.journal_id``)."""
 
     def resume(self, stored: DeviceHealthRecord) -> None:
         """Add this replica's own counts from before a restart (its shard under the same id)."""
@@ -475,7 +477,8 @@ class _DeviceHealth:
             totals.accelerator_fallback_count += old.accelerator_fallback_count
         self.last_install = self.last_install or stored.last_install
         self.resumed_window = stored.last_window
-        self.journal_seq = max(self.journal_seq, stored.journal_seq)
+        if stored.journal_id == self.journal_id:  # numbers of another (lost) journal say nothing of this one
+            self.journal_seq = max(self.journal_seq, stored.journal_seq)
         self.built = None
 
     def last_window_start(self) -> datetime | None:
@@ -564,6 +567,7 @@ class _DeviceHealth:
             totals={key: totals.frozen() for key, totals in self.totals.items()},
             last_install=self.last_install,
             journal_seq=self.journal_seq,
+            journal_id=self.journal_id,
         )
         return self.built
 
@@ -612,6 +616,7 @@ class GatewayService:
             # A random id is new at every start: a restart could never find its own journal.
             raise ValueError("a health journal needs a configured replica id")
         self._journal = journal
+        self._journal_id = journal.journal_id if journal is not None else ""
         """Acknowledged health reports not yet in the store (see gateway/journal.py); opened by
         :meth:`recover_journal`."""
 
@@ -972,7 +977,7 @@ class GatewayService:
         if entry is None or entry.identity.device_class != identity.device_class:
             if entry is not None:
                 self._vacated.add(entry.identity.device_class)  # its old class's shard must drop it
-            entry = self._health[identity.device_id] = _DeviceHealth(identity, now)
+            entry = self._health[identity.device_id] = _DeviceHealth(identity, now, journal_id=self._journal_id)
         return entry
 
     def report_install(self, identity: DeviceIdentity, report: InstallOutcomeReport) -> bool:
@@ -1053,6 +1058,7 @@ class GatewayService:
                 if self._journal is not None:
                     # Closed segments now hold only reports in this snapshot (appends take this lock).
                     self._journal.rotate()
+            self._seal_journal()
             classes.update(e.identity.device_class for e in entries if e.version != e.written)
             try:
                 for device_class in sorted(classes - self._resumed):
@@ -1092,10 +1098,18 @@ class GatewayService:
                     entry.written = max(entry.written, version)
             if failed is not None:
                 raise failed
-            if self._journal is not None:
-                with self._health_lock:
-                    self._journal.discard_closed()  # every report in them is in a written shard now
+            self._discard_journaled()
         return written
+
+    def _seal_journal(self) -> None:
+        """Sync and close the segment the flush's snapshot closed, without holding up report_health."""
+        if self._journal is not None:
+            self._journal.seal()
+
+    def _discard_journaled(self) -> None:
+        """After a flush that wrote every shard: the closed segments' reports are all in the store."""
+        if self._journal is not None:
+            self._journal.discard_closed()
 
     def recover_journal(self) -> int:
         """Open the health journal, first replaying what a killed process left in it; the reports replayed.
@@ -1160,7 +1174,9 @@ class GatewayService:
                 entry = self._health.get(record.device_id)
                 if entry is None:
                     identity = DeviceIdentity(record.device_id, record.namespace, device_class, record.name, "")
-                    entry = self._health[record.device_id] = _DeviceHealth(identity, record.updated_at)
+                    entry = self._health[record.device_id] = _DeviceHealth(
+                        identity, record.updated_at, journal_id=self._journal_id
+                    )
                     entry.updated_at, entry.written = record.updated_at, entry.version
                     added.append(entry)
                 elif entry.identity.device_class != device_class:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import urllib.error
@@ -315,7 +316,8 @@ async def test_the_agent_keeps_serving_while_the_gateway_is_down(
     agent = world.agent()
     task, _ = await started(agent)
     await world.running.server.stop(None)
-    await until(lambda: "health report: UNAVAILABLE" in caplog.text)
+    # UNAVAILABLE, or DEADLINE_EXCEEDED when a report was in flight as the server went (a loaded machine).
+    await until(lambda: re.search(r"health report: (UNAVAILABLE|DEADLINE_EXCEEDED).*kept to send again", caplog.text))
     assert not task.done()
     assert not world.server.stopped
     await stopped(agent, task)

@@ -7,6 +7,7 @@ process-level test is tests/reliability/test_faults_gateway.py).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,36 @@ def test_an_unwritable_journal_folder_is_named(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(Exception, match=r"health journal folder .* is not writable"):
         HealthJournal(tmp_path / "file", REPLICA)
+
+
+def test_a_journal_folder_made_anew_under_the_same_replica_id_loses_nothing(gw: Gateway, tmp_path: Path) -> None:
+    """A rescheduled pod that kept its name: an empty journal numbers from 1 again, below the shard's numbers."""
+    identity = gw.enroll()
+    first = _journaled(gw, tmp_path / "j1")
+    for _ in range(5):
+        first.report_health(identity, _samples(10))
+    first.flush_health()
+    second = _journaled(gw, tmp_path / "j2")  # the same replica id, a new folder
+    second.report_health(identity, _samples(100))
+    second.flush_health()
+    second.report_health(identity, _samples(1000))  # acknowledged, then killed
+    third = _journaled(gw, tmp_path / "j2")
+    third.flush_health()
+    assert _inferences(gw) == 1150
+
+
+def test_a_short_write_is_cut_off_so_later_reports_replay(
+    gw: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    identity = gw.enroll()
+    first = _journaled(gw, tmp_path / "journal")
+    first.report_health(identity, _samples(1))
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:10]))  # a disk full part-way
+    with pytest.raises(Unavailable):
+        first.report_health(identity, _samples(2))
+    monkeypatch.undo()
+    first.report_health(identity, _samples(4))  # acknowledged after the short write, then killed
+    again = _journaled(gw, tmp_path / "journal")
+    again.flush_health()
+    assert _inferences(gw) == 5
