@@ -232,11 +232,17 @@ class FleetState:
             raise FleetInputError(f"cannot redeem a token for {device_name!r}: {e}") from e
         # Each use claims a create-only key of its own first: two gateway replicas redeeming the
         # last use at once both read uses_left 1, but only one creates the key. The record
-        # written after it is for reading (`gateway token list`); the claims are what count.
+        # written after it is for reading; the claims are what count.
         total = record.uses_left + len(record.used_by)
         index = len(record.used_by)
-        while not self._store.create(self._key("tokens", record.token_id, "uses", f"{index}.json"),
-                                     use.model_dump_json().encode()):  # fmt: skip
+        while not self._store.create(self._use_key(record.token_id, index), use.model_dump_json().encode()):
+            claimed = self._read(self._use_key(record.token_id, index), TokenUse)
+            if (claimed is not None and claimed.device_name == device_name
+                    and timedelta(0) <= now - claimed.used_at <= TOKEN_RETRY_GRACE):  # fmt: skip
+                # This device's own claim: an attempt that failed after it (the record write, or
+                # a store create retried after it had landed). A retry, not a second use.
+                use = claimed
+                break
             index += 1
             if index >= total:
                 raise TokenRefused("used", f"bootstrap token {record.token_id} has been used (by a concurrent "
@@ -244,6 +250,10 @@ class FleetState:
         spent = record.model_copy(update={"uses_left": total - index - 1, "used_by": [*record.used_by, use]})
         self._write(self._key("tokens", f"{record.token_id}.json"), spent)
         return spent
+
+    def _use_key(self, token_id: str, index: int) -> str:
+        """The create-only key a token's ``index``-th use claims."""
+        return self._key("tokens", token_id, "uses", f"{index}.json")
 
     @staticmethod
     def _parse_token(token: str) -> tuple[str, str]:

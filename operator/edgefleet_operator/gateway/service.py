@@ -649,6 +649,12 @@ class GatewayService:
             _check_hardware(application.hardware)
         _check_text(application.agent_version, "agent_version", max_chars=64, pattern=_AGENT_VERSION,
                     required=False, what="a PEP 440 version")  # fmt: skip
+        try:  # unknown and wrong tokens are refused before the lock: a flood of them queues for nothing
+            self._fleet.check_token(application.bootstrap_token)
+        except TokenRefused as e:
+            raise Unauthenticated(f"bootstrap token refused ({e.reason}): {e}") from e
+        except (FleetError, StoreError) as e:
+            raise Unavailable(f"cannot check the bootstrap token: {e}") from e
         with self._enroll_lock:
             return self._enroll_checked(application)
 
@@ -692,8 +698,13 @@ class GatewayService:
             if existing is not None:
                 self._fleet.put_device(record)
             elif not self._fleet.create_device(record):
-                # Another replica enrolled this name since it was read: never replace that record.
-                raise PermissionDenied(f"device {token.namespace}/{name} was enrolled by a concurrent enrollment")
+                # Someone recorded this name since it was read. This device itself (same key: an
+                # attempt whose answer was lost, or a store create retried after it landed) takes its
+                # record over; another replica's enrollment is never replaced.
+                raced = self._fleet.get_device(token.namespace, name)
+                if raced is None or raced.key_sha256 != key_sha256:
+                    raise PermissionDenied(f"device {token.namespace}/{name} was enrolled by a concurrent enrollment")
+                self._fleet.put_device(record)
         except (FleetError, StoreError) as e:
             raise Unavailable(f"cannot record the device: {e}") from e
         self._remember(record)

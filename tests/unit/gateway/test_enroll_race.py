@@ -14,9 +14,12 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
+import pytest
+
+from edgefleet_core.errors import StoreUnavailable
 from edgefleet_core.store.local import LocalStore
 from edgefleet_operator.fleet.state import FleetState
-from edgefleet_operator.gateway.errors import GatewayError, PermissionDenied, Unauthenticated
+from edgefleet_operator.gateway.errors import GatewayError, PermissionDenied, Unauthenticated, Unavailable
 from edgefleet_operator.gateway.pki import FleetCA
 from edgefleet_operator.gateway.service import EnrollApplication, GatewayService
 from tests.unit.gateway.test_service import csr_pem
@@ -114,3 +117,33 @@ def test_a_multi_use_token_gives_each_racing_replica_a_use_until_none_is_left(tm
     assert wins == 3
     assert len(refusals) == RACERS - 3
     assert len(fleet.list_devices("demo")) == 3
+
+
+class _FailingPut(LocalStore):
+    """A store whose next ``put`` under a prefix fails once (a store error after a token use was claimed)."""
+
+    def __init__(self, root: Path, prefix: str) -> None:
+        super().__init__(root)
+        self.prefix = prefix
+        self.armed = False
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.armed and key.startswith(self.prefix):
+            self.armed = False
+            raise StoreUnavailable(f"injected failure writing {key}")
+        super().put(key, data)
+
+
+def test_a_retry_after_a_store_error_once_the_use_was_claimed_enrolls(tmp_path: Path) -> None:
+    store = _FailingPut(tmp_path / "store", "fleet/tokens/")
+    fleet = FleetState(store)
+    service = GatewayService(fleet, store, FleetCA.create())
+    token = fleet.create_token("demo", "cpu-small", ttl=timedelta(hours=1))
+    store.armed = True  # create_token's own write is done: fail the redeem's
+    application = _application(token, "cam-1")
+    with pytest.raises(Unavailable):
+        service.enroll(application)  # the use is claimed, then the token record's write fails
+    service.enroll(application)  # the agent retries: its own claim, not a second use
+    assert [d.name for d in fleet.list_devices("demo")] == ["cam-1"]
+    with pytest.raises(Unauthenticated, match="has been used"):
+        service.enroll(_application(token, "cam-2"))
