@@ -9,7 +9,7 @@ create-only keys decide: a token use and a new device's record are each created 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -28,7 +28,7 @@ RACERS = 8
 ROUNDS = 2
 
 
-def _race(attempts: list[Callable[[], object]]) -> tuple[int, list[GatewayError]]:
+def _race(attempts: Sequence[Callable[[], object]]) -> tuple[int, list[GatewayError]]:
     """Run every attempt at once; (successes, refusals)."""
     barrier = threading.Barrier(len(attempts))
     wins: list[object] = []
