@@ -31,6 +31,8 @@ from edgefleet_core.bundle.selftest import SelfTest, SelfTestTensor
 from edgefleet_core.errors import BundleError
 from edgefleet_core.partition.cuts import PartitionError
 from edgefleet_core.partition.plan import PartitionPlan
+from tests.support.json_paths import at
+from tests.support.json_paths import paths as json_paths
 from tests.support.reliability import fuzz_examples, record_fuzz
 
 pytestmark = [pytest.mark.reliability, pytest.mark.fuzz]
@@ -139,29 +141,13 @@ _json_values: st.SearchStrategy[Json] = st.recursive(
 )
 
 
-def _paths(node: Json, here: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    yield here
-    if isinstance(node, dict):
-        for key, child in node.items():
-            yield from _paths(child, (*here, key))
-    elif isinstance(node, list):
-        for index, child in enumerate(node):
-            yield from _paths(child, (*here, index))
-
-
-def _at(root: Json, path: tuple[Any, ...]) -> Json:
-    for part in path:
-        root = root[part]
-    return root
-
-
 def _mutate_tree(draw: st.DrawFn, document: dict[str, Json]) -> None:
     kind = draw(st.sampled_from(["replace", "replace", "delete", "rename", "add", "repeat", "wrap", "number"]))
-    paths = [p for p in _paths(document) if p]
-    numeric = [p for p in paths if isinstance(_at(document, p), int | float | None)]
+    paths = [p for p in json_paths(document) if p]
+    numeric = [p for p in paths if isinstance(at(document, p), int | float | None)]
     # Numbers are edited where numbers are: bounds and non-finite values are what a schema forgets.
     path = draw(st.sampled_from(numeric if kind == "number" and numeric else paths))
-    parent, key = _at(document, path[:-1]), path[-1]
+    parent, key = at(document, path[:-1]), path[-1]
     if kind == "replace":
         parent[key] = copy.deepcopy(draw(_json_values))  # sampled_from reuses objects: no shared ones
     elif kind == "number":

@@ -50,6 +50,8 @@ from edgefleet_operator.fleet.state import FleetState
 from edgefleet_operator.reconcile import EdgeModelReconciler, ReconcileError, SourceResolver
 from edgefleet_operator.reconcile.status import STALLED, find_condition
 from edgefleet_operator.rollout import PublishedBundles
+from tests.support.json_paths import at
+from tests.support.json_paths import paths as json_paths
 from tests.support.reliability import fuzz_examples, record_fuzz
 from tests.support.tiny_models import tiny_cnn
 
@@ -152,28 +154,12 @@ _EXTREMES: list[Json] = [None, True, False, 0, -1, 1 << 31, (1 << 63) + 1, -(1 <
                          "-5%", "101%", [], {}, [None], {"": {}}]  # fmt: skip
 
 
-def _paths(node: Json, here: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    yield here
-    if isinstance(node, dict):
-        for key, child in node.items():
-            yield from _paths(child, (*here, key))
-    elif isinstance(node, list):
-        for index, child in enumerate(node):
-            yield from _paths(child, (*here, index))
-
-
-def _at(root: Json, path: tuple[Any, ...]) -> Json:
-    for part in path:
-        root = root[part]
-    return root
-
-
 def _mutate(draw: st.DrawFn, document: dict[str, Json]) -> None:
-    paths = [p for p in _paths(document["spec"], ("spec",)) if len(p) > 1]
+    paths = [p for p in json_paths(document["spec"], ("spec",)) if len(p) > 1]
     if not paths:
         return
     path = draw(st.sampled_from(paths))
-    parent, key = _at(document, path[:-1]), path[-1]
+    parent, key = at(document, path[:-1]), path[-1]
     kind = draw(st.sampled_from(["replace", "replace", "delete", "add", "repeat"]))
     if kind == "replace":
         # Copies: sampled_from reuses the same mutable objects, which later edits would share.
@@ -278,16 +264,16 @@ def _grounded(world: World, document: dict[str, Json], keep_source: bool, classe
     With ``classes``, the model targets them by name: generated selectors rarely match generated labels.
     """
     grounded: dict[str, Json] = json.loads(json.dumps(document))
-    for path in list(_paths(grounded)):
-        if path and isinstance(_at(grounded, path), str) and re.match(r"(?i)(s3|https?)://", _at(grounded, path)):
-            _at(grounded, path[:-1])[path[-1]] = f"file://{world.folder}/missing"
+    for path in list(json_paths(grounded)):
+        if path and isinstance(at(grounded, path), str) and re.match(r"(?i)(s3|https?)://", at(grounded, path)):
+            at(grounded, path[:-1])[path[-1]] = f"file://{world.folder}/missing"
     spec = grounded.get("spec")
     if isinstance(spec, dict) and keep_source:
         spec["source"] = {"uri": world.source_uri, "sha256": world.source_sha256}
     if isinstance(spec, dict) and classes:
         spec["targets"] = {"deviceClasses": sorted(set(classes))}
-    for node in _paths(grounded):
-        value = _at(grounded, node)
+    for node in json_paths(grounded):
+        value = at(grounded, node)
         if isinstance(value, dict) and isinstance(value.get("passes"), list):
             value["passes"] = [{"type": p["type"]} for p in value["passes"]
                                if isinstance(p, dict) and p.get("type") in FAST_PASSES]  # fmt: skip

@@ -38,6 +38,8 @@ from tuf.api.metadata import Metadata
 
 from edgefleet_core.errors import VerificationError
 from edgefleet_core.signing import KeySet, StoreFetcher, TufClient, TufRepository
+from tests.support.json_paths import at
+from tests.support.json_paths import paths as json_paths
 from tests.support.reliability import fuzz_examples, record_fuzz
 from tests.unit.signing.memory_store import MemoryStore
 
@@ -94,29 +96,13 @@ _json_values: st.SearchStrategy[Json] = st.recursive(
 )
 
 
-def _paths(node: Json, here: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    yield here
-    if isinstance(node, dict):
-        for key, child in node.items():
-            yield from _paths(child, (*here, key))
-    elif isinstance(node, list):
-        for index, child in enumerate(node):
-            yield from _paths(child, (*here, index))
-
-
-def _at(root: Json, path: tuple[Any, ...]) -> Json:
-    for part in path:
-        root = root[part]
-    return root
-
-
 def _mutate_signed(draw: st.DrawFn, signed: dict[str, Json]) -> None:
     for _ in range(draw(st.integers(1, 3))):
-        paths = [p for p in _paths(signed) if p]
+        paths = [p for p in json_paths(signed) if p]
         if not paths:
             return
         path = draw(st.sampled_from(paths))
-        parent, key = _at(signed, path[:-1]), path[-1]
+        parent, key = at(signed, path[:-1]), path[-1]
         kind = draw(st.sampled_from(["replace", "replace", "delete", "add", "bump"]))
         # Copies: sampled_from hands out the same mutable object every time, and an "add" into a
         # value inserted earlier could then put that object inside itself (a cycle).

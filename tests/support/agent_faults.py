@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import subprocess
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -24,7 +21,7 @@ from edgefleet_core.optimize.model_io import serialize
 from edgefleet_operator.fleet.records import InstallRecord
 from edgefleet_operator.fleet.state import FleetState
 from edgefleet_proto.v1 import inference_pb2, inference_pb2_grpc
-from tests.support.fleet import EDGEFLEET, READY_S, FleetSite, Process, inference_address
+from tests.support.fleet import EDGEFLEET, FleetSite, Process, inference_address, start
 from tests.support.tiny_models import wide_mlp
 
 NAMESPACE = "demo"
@@ -148,36 +145,11 @@ def start_agent(
 
 def launch(site: FleetSite, name: str, argv: list[str], ready: re.Pattern[str], *,
            env: dict[str, str] | None = None) -> Process:  # fmt: skip
-    """Start ``argv`` with its output in the site's log folder and wait for its ``ready`` line.
-
-    As tests/support/fleet.py's ``start`` (which runs only ``edgefleet`` commands, in the test's own
-    environment); the process is stopped with the site's others.
-    """
-    folder = site.folder / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    log = folder / f"{name}.log"
-    offset = log.stat().st_size if log.exists() else 0  # earlier lives' output stays; only this life's counts
-    with log.open("ab") as out:
-        popen = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        )
-    process = Process(name, argv, log, popen)
+    """Start the whole command ``argv`` with its output in the site's log folder, wait for its ``ready``
+    line; the process is stopped with the site's others."""
+    process = start(name, argv, site.folder / "logs", ready, env=env, argv=argv)
     site.processes.append(process)
-    deadline = time.monotonic() + READY_S
-    while True:
-        with log.open("rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        found = ready.search(text)
-        if found is not None:
-            process.match = found
-            return process
-        if popen.poll() is not None:
-            raise AssertionError(f"{name} exited with {popen.returncode} before it was ready\n{text}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"{name} not ready within {READY_S} s\n{text}")
-        time.sleep(0.05)
+    return process
 
 
 def predict(process: Process, *, version: str = "", error: bool = False, timeout: float = 10.0) -> str:

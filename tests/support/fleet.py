@@ -91,9 +91,15 @@ class Process:
 
 
 def start(
-    name: str, args: list[str], folder: Path, ready: re.Pattern[str], *, env: dict[str, str] | None = None
+    name: str,
+    args: list[str],
+    folder: Path,
+    ready: re.Pattern[str],
+    *,
+    env: dict[str, str] | None = None,
+    argv: list[str] | None = None,
 ) -> Process:
-    """Start ``edgefleet ARGS`` and wait for its ready line."""
+    """Start ``edgefleet ARGS`` (or the whole command ``argv``, e.g. under a wrapper) and wait for its ready line."""
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"{name}.log"
     # Appending keeps earlier lives' output when a process is restarted under the same name; only a
@@ -101,7 +107,7 @@ def start(
     offset = log.stat().st_size if log.exists() else 0
     with log.open("ab") as out:
         popen = subprocess.Popen(
-            [*EDGEFLEET, *args],
+            argv or [*EDGEFLEET, *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
