@@ -18,10 +18,6 @@ import grpc
 import grpc.aio
 import pytest
 import pytest_asyncio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from google.protobuf import duration_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -32,6 +28,7 @@ from edgefleet_operator.fleet.state import FleetState
 from edgefleet_operator.gateway.pki import FleetCA, init_pki
 from edgefleet_operator.gateway.server import GatewayConfig, GatewayServer
 from edgefleet_proto.v1 import fleet_pb2, fleet_pb2_grpc
+from tests.support.device_keys import key_and_csr
 
 pytestmark = pytest.mark.integration
 
@@ -106,19 +103,6 @@ class Device:
     cert_pem: bytes
 
 
-def _csr() -> tuple[bytes, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")]))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def _channel(address: str, ca_pem: bytes, device: Device | None = None) -> grpc.aio.Channel:
     credentials = grpc.ssl_channel_credentials(
         root_certificates=ca_pem,
@@ -129,7 +113,7 @@ def _channel(address: str, ca_pem: bytes, device: Device | None = None) -> grpc.
 
 
 async def _enroll(site: Site, gateway: GatewayServer, name: str = "cam-1", token: str | None = None) -> Device:
-    key_pem, csr = _csr()
+    key_pem, csr = key_and_csr()
     async with _channel(gateway.enroll_address, site.ca_pem) as channel:
         response = await fleet_pb2_grpc.FleetGatewayStub(channel).Enroll(
             fleet_pb2.EnrollRequest(
@@ -257,7 +241,7 @@ async def test_bad_tokens_are_unauthenticated(site: Site, gateway: GatewayServer
 @pytest.mark.asyncio
 async def test_foreign_ca_certificates_never_get_through(site: Site, gateway: GatewayServer) -> None:
     stranger = FleetCA.create()
-    key_pem, csr = _csr()
+    key_pem, csr = key_and_csr()
     issued = stranger.sign_device_csr(csr.encode(), namespace="demo", device_class="cpu-small", name="cam-1")
     async with _channel(gateway.fleet_address, site.ca_pem, Device(key_pem, issued.certificate_pem)) as channel:
         code = await _code(_stub(channel).ReportHealth(_report(), timeout=10))
@@ -282,7 +266,7 @@ async def test_revoked_devices_are_denied_and_the_enroll_port_refuses_other_call
 @pytest.mark.asyncio
 async def test_renew_over_mtls_retires_the_old_certificate(site: Site, gateway: GatewayServer) -> None:
     old = await _enroll(site, gateway)
-    key_pem, csr = _csr()
+    key_pem, csr = key_and_csr()
     async with _channel(gateway.fleet_address, site.ca_pem, old) as channel:
         response = await _stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=csr), timeout=10)
         assert (response.device_id, response.namespace, response.device_class) == ("demo.cam-1", "demo", "cpu-small")
@@ -305,7 +289,7 @@ async def test_renew_over_mtls_retires_the_old_certificate(site: Site, gateway: 
     site.fleet.revoke_device("demo", "cam-1")
     site.clock.offset = timedelta(hours=25, seconds=1)  # past the gateway's identity cache time
     async with _channel(gateway.fleet_address, site.ca_pem, new) as channel:
-        code = await _code(_stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=_csr()[1]), timeout=10))
+        code = await _code(_stub(channel).Renew(fleet_pb2.RenewRequest(csr_pem=key_and_csr()[1]), timeout=10))
         assert code == grpc.StatusCode.PERMISSION_DENIED
 
 

@@ -62,6 +62,7 @@ from edgefleet_operator.fleet.state import FleetState
 from edgefleet_operator.gateway.pki import CA_KEY, FleetCA, init_pki
 from edgefleet_operator.gateway.server import GatewayConfig, GatewayServer
 from edgefleet_proto.v1 import fleet_pb2, fleet_pb2_grpc
+from tests.support.device_keys import key_and_csr
 from tests.support.reliability import record_matrix
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
@@ -166,19 +167,6 @@ class Site:
         return grpc.aio.secure_channel(address, tls)
 
 
-def _csr() -> tuple[bytes, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")]))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def _enroll_request(token: str, name: str, csr: str, device_class: str = CLASS) -> fleet_pb2.EnrollRequest:
     return fleet_pb2.EnrollRequest(
         bootstrap_token=token,
@@ -190,7 +178,7 @@ def _enroll_request(token: str, name: str, csr: str, device_class: str = CLASS) 
 
 
 async def _enroll(site: Site, name: str, token: str) -> Credentials:
-    key_pem, csr = _csr()
+    key_pem, csr = key_and_csr()
     async with site.channel(None, enroll_port=True) as channel:
         response = await fleet_pb2_grpc.FleetGatewayStub(channel).Enroll(_enroll_request(token, name, csr), timeout=10)
     return Credentials(key_pem, response.certificate_chain_pem.encode())
@@ -227,7 +215,7 @@ async def _expired_current_certificate(site: Site, name: str) -> Credentials:
     its serial, so a gateway that skipped the expiry check would let it through.
     """
     await _enroll(site, name, site.token())
-    key_pem, csr = _csr()
+    key_pem, csr = key_and_csr()
     past = datetime.now(UTC) - timedelta(days=2)
     issued = FleetCA.load(site.folder / "pki").sign_device_csr(
         csr.encode(), namespace="demo", device_class=CLASS, name=name, validity=timedelta(days=1), now=past
@@ -240,7 +228,7 @@ async def _expired_current_certificate(site: Site, name: str) -> Credentials:
 
 def _foreign_certificate() -> Credentials:
     stranger = FleetCA.create()
-    key_pem, csr = _csr()
+    key_pem, csr = key_and_csr()
     issued = stranger.sign_device_csr(csr.encode(), namespace="demo", device_class=CLASS, name="cam-a")
     return Credentials(key_pem, issued.certificate_pem)
 
@@ -308,7 +296,7 @@ Scope = Callable[[Answer], bool]
 async def _call_method(method: str, channel: grpc.aio.Channel, revisions: Revisions, inferences: int) -> Answer:
     stub = fleet_pb2_grpc.FleetGatewayStub(channel)
     if method == "Renew":
-        return await _unary(stub.Renew(fleet_pb2.RenewRequest(csr_pem=_csr()[1]), timeout=10))
+        return await _unary(stub.Renew(fleet_pb2.RenewRequest(csr_pem=key_and_csr()[1]), timeout=10))
     if method == "WatchAssignments":
         return await _stream(stub.WatchAssignments(fleet_pb2.WatchAssignmentsRequest(last_revision=0)), first_only=True)
     if method == "FetchMetadata":
@@ -465,12 +453,12 @@ async def _observe_enroll(site: Site) -> dict[str, str]:
         for caller, (token, name) in cases.items():
             if caller == "expired-token":
                 site.clock.offset += timedelta(minutes=2)
-            answer = await _unary(stub.Enroll(_enroll_request(token, name, _csr()[1]), timeout=10))
+            answer = await _unary(stub.Enroll(_enroll_request(token, name, key_and_csr()[1]), timeout=10))
             if caller == "expired-token":
                 site.clock.offset -= timedelta(minutes=2)
             cells[caller] = _label(answer)
     async with site.channel(None) as channel:
-        request = _enroll_request(site.token(), "cam-n6", _csr()[1])
+        request = _enroll_request(site.token(), "cam-n6", key_and_csr()[1])
         cells["fleet port, no-client-cert"] = _label(
             await _unary(fleet_pb2_grpc.FleetGatewayStub(channel).Enroll(request, timeout=10))
         )
@@ -506,7 +494,7 @@ async def test_the_enrollment_port_serves_only_enroll_and_health(site: Site) -> 
                 assert not answer.messages, f"{method} answered on the enrollment port"
                 observed[method][caller] = _label(answer)
     async with site.channel(None, enroll_port=True) as channel:
-        request = _enroll_request(site.token(), "cam-b", _csr()[1])
+        request = _enroll_request(site.token(), "cam-b", key_and_csr()[1])
         observed["Enroll"]["no-client-cert"] = _label(
             await _unary(fleet_pb2_grpc.FleetGatewayStub(channel).Enroll(request, timeout=10))
         )
