@@ -12,8 +12,10 @@ and a ``Concat`` restores the original tensor under its original name::
 
 The cut between the two parts carries ``X`` and ``Y/0``. Operators after the split one that work
 channel by channel (BatchNormalization, Relu and other activations, Add or Mul of a per-channel
-constant) are split with it, so each part stays ``Conv → BatchNormalization → Relu``, which ONNX
-Runtime fuses into one kernel as it does in the whole model; the Concat then joins the last of them.
+constant, pooling) are split with it, so each part stays ``Conv → BatchNormalization → Relu``, which
+ONNX Runtime fuses into one kernel as it does in the whole model; the Concat then joins the last of
+them. A pooling operator in the chain also shrinks what the head hands the tail (a 2x2 MaxPool: a
+quarter of the bytes) and the Concat's copy.
 Each output channel is the same dot
 products over the same inputs, so the result is the whole operator's, bit for bit, as long as each
 part stays on the kernels' general path: ONNX Runtime computes a lone output channel through a
@@ -273,6 +275,14 @@ def _link_binary(node: onnx.NodeProto, tensor: str, weights: _Weights, shape: _S
     return None if found == _UNSLICEABLE else _Link(node, carries, {1 - carries: found})
 
 
+def _link_pool(node: onnx.NodeProto, tensor: str, weights: _Weights, shape: _Shape) -> _Link | None:
+    """A pooling operator reduces each channel of an ``[N, C, spatial...]`` tensor on its own."""
+    rank, axis, _ = shape
+    if rank < 3 or axis % rank != 1 or list(node.input) != [tensor]:
+        return None
+    return _Link(node, 0, {})
+
+
 # Operators that map each channel on its own: a part of the channels in, the same part out, so they
 # can run on each part before the Concat (and fuse there with the split operator, as in the whole).
 _LINKS: Final[dict[str, Callable[[onnx.NodeProto, str, _Weights, _Shape], _Link | None]]] = {
@@ -286,6 +296,9 @@ _LINKS: Final[dict[str, Callable[[onnx.NodeProto, str, _Weights, _Shape], _Link 
     "PRelu": _link_prelu,
     "Clip": _link_clip,
     "BatchNormalization": _link_batch_norm,
+    **dict.fromkeys(
+        ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"), _link_pool
+    ),
     **dict.fromkeys(("Add", "Sub", "Mul", "Div"), _link_binary),
 }  # fmt: skip
 

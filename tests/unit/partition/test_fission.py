@@ -229,15 +229,15 @@ def test_optimized_sessions_agree_on_the_fissioned_gemm() -> None:
     assert all(a.tobytes() == b.tobytes() for a, b in zip(want, got, strict=True))
 
 
-def conv_chain(tail: list[onnx.NodeProto], extra: dict[str, np.ndarray]) -> Any:
-    """x → Conv (32 channels) → ``tail`` (reading "c", ending in "z") → 1x1 Conv to 4 channels → y."""
+def conv_chain(tail: list[onnx.NodeProto], extra: dict[str, np.ndarray], side: int = 6) -> Any:
+    """x → Conv (32 channels) → ``tail`` (reading "c", ending in "z", ``side`` pixels square) → 1x1 Conv to 4 → y."""
     inits = {"w": _f32(32, 8, 3, 3), "b": _f32(32), "w2": _f32(4, 32, 1, 1), **extra}
     nodes = [
         helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
         *tail,
         helper.make_node("Conv", ["z", "w2"], ["y"]),
     ]
-    return _model(nodes, inits, ["N", 8, 6, 6], ["N", 4, 6, 6])
+    return _model(nodes, inits, ["N", 8, 6, 6], ["N", 4, side, side])
 
 
 def _bn(channels: int = 32) -> dict[str, np.ndarray]:
@@ -279,6 +279,39 @@ CHAINS: dict[str, tuple[Callable[[], onnx.ModelProto], tuple[str, ...]]] = {
     "prelu-per-channel-slope": (
         lambda: conv_chain([helper.make_node("PRelu", ["c", "slope"], ["z"])], {"slope": _f32(32, 1, 1)}),
         ("PRelu",),
+    ),
+    "relu-then-max-pool": (
+        lambda: conv_chain(
+            [
+                helper.make_node("Relu", ["c"], ["r"]),
+                helper.make_node("MaxPool", ["r"], ["z"], kernel_shape=[2, 2], strides=[2, 2]),
+            ],
+            {},
+            side=3,
+        ),
+        ("Relu", "MaxPool"),
+    ),
+    "padded-average-pool-then-global-average-pool": (
+        lambda: conv_chain(
+            [
+                helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+                helper.make_node("GlobalAveragePool", ["p"], ["z"]),
+            ],
+            {},
+            side=1,
+        ),
+        ("AveragePool", "GlobalAveragePool"),
+    ),
+    "a-max-pool-with-indices-stops-the-chain": (
+        lambda: conv_chain(
+            [
+                helper.make_node("Relu", ["c"], ["r"]),
+                helper.make_node("MaxPool", ["r"], ["z", "where"], kernel_shape=[2, 2], strides=[2, 2]),
+            ],
+            {},
+            side=3,
+        ),
+        ("Relu",),
     ),
     "a-spatial-constant-stops-the-chain": (
         lambda: conv_chain(
