@@ -24,6 +24,7 @@ def test_tiny_run_writes_every_figure(tmp_path: Path) -> None:
         requests=6,
         warmup=1,
         runs=2,
+        repeat=2,
     )
     out = tmp_path / "partition.json"
     page = tmp_path / "BENCHMARKS.md"
@@ -36,7 +37,14 @@ def test_tiny_run_writes_every_figure(tmp_path: Path) -> None:
     assert "second CPU core" in document["accelerator"]
     assert document["machine"]["cores"] >= 1
     assert [m["model"] for m in document["models"]] == ["digits-cnn", "overparameterized-mlp"]
+    assert document["repeat"] == 2
     for model in document["models"]:
+        assert model["repeats"] == 2
+        assert len(model["runs"]) == 2
+        assert model["pipelined_vs_one_core"] == pytest.approx(
+            sum(r["pipelined_vs_one_core"] for r in model["runs"]) / 2
+        )  # the median of two
+        assert all(t["runs"] == 2 for t in model["targets"])
         for figure in FIGURES:
             assert math.isfinite(model[figure]), figure
             assert model[figure] > 0, figure
@@ -60,6 +68,7 @@ def test_tiny_run_writes_every_figure(tmp_path: Path) -> None:
     assert text.endswith("outro\n")
     assert "old" not in text
     assert "| digits-cnn | 2 |" in text
+    assert "Each model was run 2 times" in text
     assert isinstance(bench.missed(document), list)
 
 

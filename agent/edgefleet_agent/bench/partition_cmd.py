@@ -21,6 +21,14 @@ def command(
     remote: Annotated[
         bool, typer.Option(help="Also pipeline with the tail in an accel-server subprocess on loopback.")
     ] = True,
+    repeat: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Independent runs of every model, taking turns; ratios and targets are their medians. "
+            "Default 5, or 1 with --quick.",
+        ),
+    ] = None,
 ) -> None:
     """Whole model on one and two cores vs partitioned sequential and pipelined (in-process and remote)."""
     # The benchmark pulls in ONNX Runtime, PyTorch (to build the models) and gRPC: loaded only when it runs.
@@ -29,7 +37,7 @@ def command(
     from edgefleet_agent.bench import partition as bench
 
     config = bench.PartitionBenchConfig.quick_run() if quick else bench.PartitionBenchConfig.full()
-    config = dataclasses.replace(config, remote=remote)
+    config = dataclasses.replace(config, remote=remote, repeat=config.repeat if repeat is None else repeat)
     report(
         "partition",
         lambda: bench.benchmark(config, out, markdown, progress=typer.echo),
