@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from edgefleet_agent.accelerator import AcceleratorServer
 
 app = typer.Typer(
     help="The device agent: enroll, follow assignments with verified A/B updates, serve inference.",
@@ -31,6 +34,23 @@ def _labels(values: list[str]) -> dict[str, str]:
             raise typer.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--label")
         labels[key] = label
     return labels
+
+
+def _accelerator(server: str | None, models: Path | None) -> AcceleratorServer | None:
+    """The accel-server to send tails to; both options or neither."""
+    if server is None and models is None:
+        return None
+    if server is None or not server.strip():
+        raise typer.BadParameter("--accel-models needs --accel-server HOST:PORT", param_hint="--accel-server")
+    if models is None:
+        raise typer.BadParameter(
+            "name the accel-server's --models folder: stage models are placed there for it", param_hint="--accel-models"
+        )
+    if not models.is_dir():
+        raise typer.BadParameter(f"{models} is not a folder", param_hint="--accel-models")
+    from edgefleet_agent.accelerator import AcceleratorServer
+
+    return AcceleratorServer(server.strip(), models)
 
 
 @app.command()
@@ -86,6 +106,18 @@ def run(
             "is given up for a new one. At least 10 (the gateway refuses more frequent pings).",
         ),
     ] = 300.0,
+    accel_server: Annotated[
+        str | None,
+        typer.Option(
+            "--accel-server",
+            help="HOST:PORT or unix:PATH of an 'edgefleet accel-server serve' next to the accelerator: "
+            "partitioned models' tails run there (locally while it does not answer). Needs --accel-models.",
+        ),
+    ] = None,
+    accel_models: Annotated[
+        Path | None,
+        typer.Option("--accel-models", help="The accel-server's --models folder, shared with it."),
+    ] = None,
 ) -> None:
     """Enroll once (the token is needed only the first time), then run until SIGTERM or SIGINT.
 
@@ -110,6 +142,7 @@ def run(
     chosen = tuple(p.strip() for p in providers.split(",") if p.strip())
     if not chosen:
         raise typer.BadParameter("name at least one execution provider", param_hint="--providers")
+    accelerator = _accelerator(accel_server, accel_models)
     settings = AgentSettings(
         state_dir=state,
         gateway=gateway,
@@ -124,6 +157,7 @@ def run(
         heartbeat_interval=heartbeat_interval,
         metrics_listen=metrics_listen,
         keepalive=keepalive,
+        accelerator=accelerator,
     )
     # A daemon's install outcomes belong in its log even without -v.
     agent_log = logging.getLogger("edgefleet_agent")

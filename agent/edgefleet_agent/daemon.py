@@ -41,6 +41,7 @@ import grpc
 from grpc import aio
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from edgefleet_agent.accelerator import AcceleratorServer
 from edgefleet_agent.assignments import AssignmentSpec, InstallResult
 from edgefleet_agent.connection import (
     DEFAULT_KEEPALIVE_S,
@@ -159,6 +160,8 @@ class AgentSettings:
     keepalive: float = DEFAULT_KEEPALIVE_S
     """Seconds between keepalive pings on the gateway connections: how soon a connection that went
     silent (a partition, a stalled link) is given up and a new one opened."""
+    accelerator: AcceleratorServer | None = None
+    """The accel-server partitioned models' tails run on; ``None``: head and tail both in-process."""
 
 
 class UpdaterPort(Protocol):
@@ -196,7 +199,7 @@ def default_components(
     settings: AgentSettings, identity: DeviceIdentity, tuf_client: Callable[[], TufClient], metrics: AgentMetrics
 ) -> Components:
     """The real runtime, Updater and inference server, recording into ``metrics``."""
-    runtime = ModelRuntime(settings.providers, metrics=metrics)
+    runtime = ModelRuntime(settings.providers, metrics=metrics, accelerator=settings.accelerator)
     updater = Updater(settings.state_dir, identity.device_class, runtime, tuf_client)
 
     async def start() -> tuple[StoppableServer, int]:

@@ -68,7 +68,9 @@ class PipelineClosed(PipelineError):
 class Stage(Protocol):
     """One part of a partitioned model, wherever it runs."""
 
-    execution_provider: str
+    @property
+    def execution_provider(self) -> str:
+        """The provider the stage runs on now."""
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
+from edgefleet_agent.accelerator import AcceleratorServer, FailoverStage
 from edgefleet_agent.assignments import SlotName
 from edgefleet_agent.errors import (
     InferenceFailed,
@@ -165,7 +166,7 @@ class LoadedModel:
         version: str,
         slot: SlotName | None,
         manifest: BundleManifest | None,
-        stages: Sequence[LocalStage],
+        stages: Sequence[LocalStage | FailoverStage],
         wanted_providers: Sequence[str],
         *,
         depth: int = DEFAULT_DEPTH,
@@ -190,10 +191,9 @@ class LoadedModel:
             )
             if got != want
         )
-        """(stage, provider it got) of each stage not on the provider it wanted."""
-        self.degraded = bool(self.fallbacks)
-        """A stage runs on a fallback provider (e.g. the CPU while the plan names an accelerator)."""
-        self._single: LocalStage | None = None
+        """(stage, provider it got) of each stage not on the provider it wanted, when it was loaded."""
+        self._remote_tails = [stage for stage in stages if isinstance(stage, FailoverStage)]
+        self._single: LocalStage | FailoverStage | None = None
         self._pipeline: PipelinedExecutor | None = None
         if len(stages) == 1:
             self._single = stages[0]
@@ -213,6 +213,12 @@ class LoadedModel:
             outputs=[info.name for info in self.outputs],
             tail_inputs=tail.input_names,
         )
+
+    @property
+    def degraded(self) -> bool:
+        """A stage runs on a fallback provider (e.g. the CPU while the plan names an accelerator), or
+        the tail runs locally because the accelerator server is not answering."""
+        return bool(self.fallbacks) or any(not tail.attached for tail in self._remote_tails)
 
     @property
     def partition_plan_id(self) -> str:
@@ -301,12 +307,15 @@ class ModelRuntime:
         *,
         intra_op_threads: int = 1,
         metrics: AgentMetrics | None = None,
+        accelerator: AcceleratorServer | None = None,
     ) -> None:
         """``metrics``: where requests, fallbacks and the served versions are recorded (the Updater
-        records install outcomes there too); ``None``: a registry of this runtime's own."""
+        records install outcomes there too); ``None``: a registry of this runtime's own.
+        ``accelerator``: the server partitioned models' tails run on (a local session stands by)."""
         if not providers:
             raise ValueError("at least one execution provider is needed")
         self.providers = tuple(providers)
+        self.accelerator = accelerator
         self.intra_op_threads = intra_op_threads
         self.metrics = metrics or AgentMetrics()
         self._lock = threading.Lock()
@@ -350,7 +359,7 @@ class ModelRuntime:
         head_providers, tail_providers = self._providers(manifest) if len(order) == 2 else ([*self.providers], [])
         wanted = [head_providers, tail_providers][: len(order)]
         try:
-            stages = [
+            stages: list[LocalStage | FailoverStage] = [
                 LocalStage(
                     files[file],
                     providers,
@@ -359,6 +368,8 @@ class ModelRuntime:
                 )
                 for file, providers in zip(order, wanted, strict=True)
             ]
+            if self.accelerator is not None and len(stages) == 2 and isinstance(tail := stages[1], LocalStage):
+                stages[1] = self._remote_tail(namespace, name, version, files["tail.onnx"], tail, tail_providers)
             loaded = LoadedModel(namespace, name, version, slot, manifest, stages, [p[0] for p in wanted])
         finally:
             with self._lock:
@@ -368,6 +379,20 @@ class ModelRuntime:
                         (head_providers if stage != "tail" else tail_providers)[0])  # fmt: skip
             self.metrics.fallback(name, stage, provider)
         return loaded
+
+    def _remote_tail(
+        self, namespace: str, name: str, version: str, model: bytes, local: LocalStage, providers: Sequence[str]
+    ) -> FailoverStage:
+        assert self.accelerator is not None
+        label = f"[{namespace}/{name}] {version}: tail"
+        return FailoverStage(
+            self.accelerator,
+            model,
+            local,
+            providers,
+            label=label,
+            on_detach=lambda provider: self.metrics.fallback(name, "tail", provider),
+        )
 
     def self_test(self, model: LoadedModel, test: SelfTest | None) -> SelfTestFailure | None:
         """Run the golden inputs, compare outputs, check the latency SLO; ``None`` when the version passes.

@@ -1,0 +1,205 @@
+"""The agent's runtime with ``--accel-server``: tails on a real ``edgefleet accel-server`` subprocess,
+answered locally while it is SIGKILLed, and back on it once it restarts."""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgefleet_agent.accelerator import AcceleratorServer
+from edgefleet_agent.metrics import AgentMetrics
+from edgefleet_agent.runtime import LoadedModel, ModelRuntime
+from edgefleet_core.cli.main import build_app
+from edgefleet_core.partition.cuts import SplitModel, enumerate_cuts, run_split, split_model
+from tests.support.tiny_models import tiny_cnn, tiny_inputs
+
+pytestmark = pytest.mark.integration
+WAIT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def accel_server(models: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+    """``edgefleet accel-server serve`` on ``port``, ready when yielded; SIGKILLed (if still alive) after."""
+    command = [sys.executable, "-m", "edgefleet_core.cli", "accel-server", "serve", "--models", str(models)]
+    process = subprocess.Popen(
+        [*command, "--listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], WAIT)
+        assert ready, "the accel-server printed no ready line"
+        assert process.stdout.readline().startswith("accel-server listening ")
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def cnn_split() -> SplitModel:
+    model = tiny_cnn()
+    return split_model(model, enumerate_cuts(model)[1])
+
+
+def load(runtime: ModelRuntime, split: SplitModel) -> LoadedModel:
+    files = {"head.onnx": split.head.SerializeToString(), "tail.onnx": split.tail.SerializeToString()}
+    loaded = runtime.load("vision", "cnn", "1.0.0", files, slot="a")
+    runtime.activate(loaded)
+    return loaded
+
+
+def predict_exact(runtime: ModelRuntime, split: SplitModel, seed: int) -> None:
+    """One request through the runtime: the same bits as head and tail run here."""
+    feed = {"input": tiny_inputs(count=2, seed=seed)}
+    [(name, logits)] = runtime.predict("cnn", feed, namespace="vision").outputs
+    assert name == "logits"
+    np.testing.assert_array_equal(logits, run_split(split, feed)["logits"])
+
+
+def state(runtime: ModelRuntime) -> str:
+    [status] = runtime.status("vision", "cnn")
+    return status.state
+
+
+def fallbacks(runtime: ModelRuntime) -> float:
+    found = runtime.metrics.registry.get_sample_value(
+        "edgefleet_agent_fallbacks_total", {"model": "cnn", "stage": "tail", "provider": "CPUExecutionProvider"}
+    )
+    return 0.0 if found is None else found
+
+
+def test_the_tail_runs_on_the_server_then_locally_while_it_is_killed_then_on_it_again(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    port = free_port()
+    split = cnn_split()
+    accelerator = AcceleratorServer(f"127.0.0.1:{port}", models, timeout=5.0, retry_seconds=0.2)
+    runtime = ModelRuntime(accelerator=accelerator)
+    with accel_server(models, port) as server:
+        loaded = load(runtime, split)
+        assert state(runtime) == "ready"
+        assert [p.suffix for p in models.iterdir()] == [".onnx"]  # the tail, placed for the server
+        for seed in range(5):
+            predict_exact(runtime, split, seed)
+        assert fallbacks(runtime) == 0
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        # Requests keep being answered, by the local session, with the same outputs.
+        for seed in range(5, 10):
+            predict_exact(runtime, split, seed)
+        assert state(runtime) == "degraded"
+        assert fallbacks(runtime) == 1
+        [window] = runtime.drain_windows()
+        assert (window.inference_count, window.error_count) == (10, 0)
+        assert window.accelerator_fallback_count >= 5
+    with accel_server(models, port):
+        deadline = time.monotonic() + WAIT
+        seed = 10
+        while state(runtime) != "ready":  # re-attached in the background, on no request's time
+            assert time.monotonic() < deadline, "the tail never went back to the restarted server"
+            predict_exact(runtime, split, seed)
+            seed += 1
+            time.sleep(0.05)
+        for more in range(seed, seed + 5):
+            predict_exact(runtime, split, more)
+        [window] = runtime.drain_windows()
+        assert window.error_count == 0
+        loaded.close()
+
+
+def test_a_server_that_is_not_there_at_load_leaves_the_tail_local_and_degraded(tmp_path: Path) -> None:
+    split = cnn_split()
+    runtime = ModelRuntime(accelerator=AcceleratorServer(f"127.0.0.1:{free_port()}", tmp_path, timeout=1.0))
+    started = time.monotonic()
+    loaded = load(runtime, split)
+    assert time.monotonic() - started < 15.0
+    assert state(runtime) == "degraded"
+    assert fallbacks(runtime) == 1
+    predict_exact(runtime, split, 0)
+    [window] = runtime.drain_windows()
+    assert (window.inference_count, window.error_count, window.accelerator_fallback_count) == (1, 0, 1)
+    loaded.close()
+
+
+def test_single_model_bundles_never_touch_the_server(tmp_path: Path) -> None:
+    runtime = ModelRuntime(accelerator=AcceleratorServer(f"127.0.0.1:{free_port()}", tmp_path, timeout=1.0))
+    loaded = runtime.load("vision", "cnn", "1.0.0", {"model.onnx": tiny_cnn().SerializeToString()}, slot="a")
+    assert not loaded.degraded
+    assert list(tmp_path.iterdir()) == []
+    loaded.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--accel-server", "127.0.0.1:1"], "--accel-models"),
+        (["--accel-models", "."], "--accel-server"),
+        (["--accel-server", "127.0.0.1:1", "--accel-models", "no/such/folder"], "--accel-models"),
+    ],
+)
+def test_the_agent_refuses_half_an_accelerator(tmp_path: Path, options: list[str], named: str) -> None:
+    result = CliRunner().invoke(build_app(), [*agent_run(tmp_path), *options])
+    assert result.exit_code == 2
+    assert named in result.output
+
+
+def agent_run(folder: Path) -> list[str]:
+    """``agent run`` with every required option (nothing is listening on them)."""
+    return [
+        "agent", "run", "--state", str(folder / "state"), "--gateway", "127.0.0.1:1", "--enroll-gateway",
+        "127.0.0.1:1", "--gateway-ca", str(folder / "ca.pem"), "--tuf-root", str(folder / "root.json"),
+        "--name", "dev", "--token", "t",
+    ]  # fmt: skip
+
+
+def test_the_agent_command_hands_the_accelerator_to_the_runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgefleet_agent import daemon
+
+    built: list[ModelRuntime] = []
+
+    class Captured:
+        """Stands in for the daemon: builds the real components from the settings the command parsed."""
+
+        metrics_address = None
+
+        def __init__(self, settings: daemon.AgentSettings) -> None:
+            identity: Any = SimpleNamespace(device_class="edge", namespace="vision")
+            tuf: Any = lambda: None  # noqa: E731 - never called: nothing is installed
+            components = daemon.default_components(settings, identity, tuf, AgentMetrics())
+            assert isinstance(components.runtime, ModelRuntime)
+            built.append(components.runtime)
+
+        async def run(self, ready: object, *, handle_signals: bool) -> None:
+            return None
+
+    monkeypatch.setattr(daemon, "Agent", Captured)
+    models = tmp_path / "models"
+    models.mkdir()
+    accelerator = ["--accel-server", "unix:/run/accel.sock", "--accel-models", str(models)]
+    result = CliRunner().invoke(build_app(), [*agent_run(tmp_path), *accelerator])
+    assert result.exit_code == 0, result.output
+    [runtime] = built
+    assert runtime.accelerator == AcceleratorServer("unix:/run/accel.sock", models)
