@@ -13,8 +13,23 @@ from edgefleet_agent.bench import partition as bench
 
 pytestmark = pytest.mark.integration
 
-FIGURES = ("pipelined_vs_one_core", "pipelined_vs_two_cores", "planner_vs_best", "planner_vs_best_throughput")
-VARIANTS = ("whole_one_core", "whole_two_cores", "sequential", "pipelined", "pipelined_remote")
+FIGURES = (
+    "pipelined_vs_one_core",
+    "pipelined_vs_two_cores",
+    "planner_vs_best",
+    "planner_vs_best_throughput",
+    "stages_alone_vs_one_core",
+    "stages_together_vs_one_core",
+)
+VARIANTS = (
+    "whole_one_core",
+    "whole_two_cores",
+    "sequential",
+    "pipelined",
+    "pipelined_remote",
+    "stages_alone",
+    "stages_together",
+)
 
 
 def test_tiny_run_writes_every_figure(tmp_path: Path) -> None:
@@ -50,6 +65,9 @@ def test_tiny_run_writes_every_figure(tmp_path: Path) -> None:
             assert model[figure] > 0, figure
         for variant in VARIANTS:
             assert model[variant]["throughput_per_s"] > 0, variant
+        for bound in ("stages_alone", "stages_together"):
+            assert model[bound]["head_ms"] > 0
+            assert model[bound]["tail_ms"] > 0
         # Head and tail together compute what the whole model does, in-process and across the process boundary.
         assert all(diff < 1e-4 for diff in model["max_abs_diff_vs_whole"].values())
         assert model["planner_vs_best"] >= 1.0
@@ -69,6 +87,7 @@ def test_tiny_run_writes_every_figure(tmp_path: Path) -> None:
     assert "old" not in text
     assert "| digits-cnn | 2 |" in text
     assert "Each model was run 2 times" in text
+    assert "Where the 2x goes" in text
     assert isinstance(bench.missed(document), list)
 
 
