@@ -59,7 +59,7 @@ class FailoverStage:
 
     Takes the tail's model bytes and a loaded local session of the same model. Construction tries
     the server once; failing that, the stage starts detached (local) and retries in the background.
-    ``on_detach(provider)`` is called each time requests move to the local session. The pipeline
+    ``on_detach(provider)`` is called each time a server that was attached is lost. The pipeline
     calls :meth:`run` from one worker thread; the attach thread only swaps the remote stage in.
     """
 
@@ -90,11 +90,9 @@ class FailoverStage:
         self._last_attempt = time.monotonic()
         self.last_problem: str | None = None
         """Why the stage is detached (the server's error), ``None`` while attached."""
-        remote = self._connect()
+        remote = self._connect()  # not attached: the runtime counts that as a fallback of the load
         with self._lock:
             self._remote = remote
-        if remote is None:
-            self._on_detach(local.execution_provider)
 
     # --- attaching -------------------------------------------------------------------------------
 

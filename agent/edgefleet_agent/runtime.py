@@ -151,6 +151,11 @@ def _in_plan_order(
     return [by_name[name] for name in plan.outputs]
 
 
+def _falls_back(stage: LocalStage | FailoverStage, wanted: str) -> bool:
+    """Not on the provider it wanted, or (a remote tail) not on the accelerator server."""
+    return stage.execution_provider != wanted or (isinstance(stage, FailoverStage) and not stage.attached)
+
+
 class LoadedModel:
     """The sessions of one model version, ready to run (safe to share between threads).
 
@@ -180,19 +185,16 @@ class LoadedModel:
         self.manifest = manifest
         self.partition_plan = read_partition_plan(manifest, f"{namespace}/{name} {version}")
         self._plan_id = self.partition_plan.plan_id if self.partition_plan is not None else ""
-        self.execution_providers = tuple(stage.execution_provider for stage in stages)
+        self._stages = tuple(stages)
+        self._wanted = tuple(wanted_providers)
+        roles = ("model",) if len(stages) == 1 else ("head", "tail")
         self.fallbacks = tuple(
-            (stage, got)
-            for stage, got, want in zip(
-                ("model",) if len(stages) == 1 else ("head", "tail"),
-                self.execution_providers,
-                wanted_providers,
-                strict=True,
-            )
-            if got != want
+            (role, stage.execution_provider)
+            for role, stage, want in zip(roles, stages, self._wanted, strict=True)
+            if _falls_back(stage, want)
         )
-        """(stage, provider it got) of each stage not on the provider it wanted, when it was loaded."""
-        self._remote_tails = [stage for stage in stages if isinstance(stage, FailoverStage)]
+        """(stage, provider it got) of each stage that, when loaded, was not on the provider it wanted (or
+        not on the accelerator server the agent was told to use)."""
         self._single: LocalStage | FailoverStage | None = None
         self._pipeline: PipelinedExecutor | None = None
         if len(stages) == 1:
@@ -215,10 +217,15 @@ class LoadedModel:
         )
 
     @property
+    def execution_providers(self) -> tuple[str, ...]:
+        """The provider each stage runs on now (a remote tail's is the server's while it answers)."""
+        return tuple(stage.execution_provider for stage in self._stages)
+
+    @property
     def degraded(self) -> bool:
         """A stage runs on a fallback provider (e.g. the CPU while the plan names an accelerator), or
         the tail runs locally because the accelerator server is not answering."""
-        return bool(self.fallbacks) or any(not tail.attached for tail in self._remote_tails)
+        return any(_falls_back(stage, want) for stage, want in zip(self._stages, self._wanted, strict=True))
 
     @property
     def partition_plan_id(self) -> str:

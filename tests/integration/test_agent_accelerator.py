@@ -128,9 +128,11 @@ def test_the_tail_runs_on_the_server_then_locally_while_it_is_killed_then_on_it_
         loaded.close()
 
 
-def test_a_server_that_is_not_there_at_load_leaves_the_tail_local_and_degraded(tmp_path: Path) -> None:
+def test_a_server_that_is_not_there_at_load_leaves_the_tail_local_until_it_comes(tmp_path: Path) -> None:
     split = cnn_split()
-    runtime = ModelRuntime(accelerator=AcceleratorServer(f"127.0.0.1:{free_port()}", tmp_path, timeout=1.0))
+    port = free_port()
+    accelerator = AcceleratorServer(f"127.0.0.1:{port}", tmp_path, timeout=1.0, retry_seconds=0.2)
+    runtime = ModelRuntime(accelerator=accelerator)
     started = time.monotonic()
     loaded = load(runtime, split)
     assert time.monotonic() - started < 15.0
@@ -139,7 +141,17 @@ def test_a_server_that_is_not_there_at_load_leaves_the_tail_local_and_degraded(t
     predict_exact(runtime, split, 0)
     [window] = runtime.drain_windows()
     assert (window.inference_count, window.error_count, window.accelerator_fallback_count) == (1, 0, 1)
-    loaded.close()
+    with accel_server(tmp_path, port):
+        deadline = time.monotonic() + WAIT
+        seed = 1
+        while state(runtime) != "ready":
+            assert time.monotonic() < deadline, "the tail never moved to the server that came up"
+            predict_exact(runtime, split, seed)
+            seed += 1
+            time.sleep(0.05)
+        predict_exact(runtime, split, seed)
+        assert fallbacks(runtime) == 1  # coming back is not a fallback
+        loaded.close()
 
 
 def test_single_model_bundles_never_touch_the_server(tmp_path: Path) -> None:
