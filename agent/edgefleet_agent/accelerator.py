@@ -6,18 +6,20 @@ a vendor daemon) runs ``edgefleet accel-server serve`` there, and the agent is s
 the agent then sends the tail to that server (:class:`~edgefleet_agent.remote_stage.RemoteStage`)
 and keeps the head in-process.
 
-The accelerator process can die or restart while the agent serves. :class:`FailoverStage` keeps a
-local session of the tail loaded, so a request that finds the server gone is answered locally,
-at once and with the same outputs, and the model counts as degraded (``accelerator_fallback_count``
-in health reports) until the server is back: every :attr:`AcceleratorServer.retry_seconds` a
-background attempt re-attaches, so no request waits on a connection timeout.
+The accelerator process can die, hang or restart while the agent serves. :class:`FailoverStage`
+keeps a local session of the tail loaded: a request the server does not answer (within
+:attr:`AcceleratorServer.timeout`) or fails is answered by the local session, and the model counts
+as degraded (``accelerator_fallback_count`` in health reports) until the server is back. A
+supervisor thread per stage notices a stream that broke while no request ran, and re-attaches
+every :attr:`AcceleratorServer.retry_seconds`, so no request waits on a connection attempt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,21 +27,39 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from edgefleet_agent.errors import InferenceFailed
 from edgefleet_agent.pipeline import LocalStage
 
 if TYPE_CHECKING:
     # Imported when used: the remote stage pulls in gRPC and the inference server, which imports the
     # runtime, which imports this module.
-    from edgefleet_agent.remote_stage import AcceleratorUnavailable, RemoteStage
+    from edgefleet_agent.remote_stage import RemoteStage
 
-__all__ = ["DEFAULT_RETRY_SECONDS", "AcceleratorServer", "FailoverStage"]
+__all__ = ["DEFAULT_RETRY_SECONDS", "DEFAULT_TIMEOUT", "AcceleratorServer", "FailoverStage", "parse_target"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_SECONDS: Final = 30.0
-"""How often a detached tail tries the accelerator server again."""
-DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+"""How often a detached tail tries the accelerator server again (and an idle one checks its stream)."""
+DEFAULT_TIMEOUT: Final = 10.0
 """Seconds an attach (connect and LoadStage) and each remote run may take before the server counts as gone."""
+
+
+def parse_target(target: str) -> str:
+    """``target`` when it is ``HOST:PORT`` (port 1-65535) or ``unix:PATH``; ``ValueError`` naming the problem."""
+    value = target.strip()
+    if value.startswith("unix:"):
+        if not value.removeprefix("unix:").lstrip("/"):
+            raise ValueError(f"{target!r} names no socket path after 'unix:'")
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or any(c.isspace() for c in value):
+        raise ValueError(f"{target!r} is not HOST:PORT or unix:PATH")
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError(f"{target!r}: an IPv6 host is written [ADDRESS]:PORT")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{target!r}: the port must be a number from 1 to 65535")
+    return value
 
 
 @dataclass(frozen=True)
@@ -50,7 +70,7 @@ class AcceleratorServer:
     """HOST:PORT or unix:PATH of ``edgefleet accel-server serve`` (plaintext: loopback or a local socket)."""
     models_dir: Path
     """The content-addressed folder the server reads stage models from (its ``--models``), shared with it."""
-    timeout: float = DEFAULT_CONNECT_TIMEOUT
+    timeout: float = DEFAULT_TIMEOUT
     retry_seconds: float = DEFAULT_RETRY_SECONDS
 
 
@@ -58,9 +78,10 @@ class FailoverStage:
     """A tail stage run by the accelerator server while it answers, else by ``local``.
 
     Takes the tail's model bytes and a loaded local session of the same model. Construction tries
-    the server once; failing that, the stage starts detached (local) and retries in the background.
-    ``on_detach(provider)`` is called each time a server that was attached is lost. The pipeline
-    calls :meth:`run` from one worker thread; the attach thread only swaps the remote stage in.
+    the server once; failing that, the stage starts detached (local). ``on_detach(provider)`` is
+    called each time an attached server is lost. Every attach uses the same stage id, so a server
+    that kept the stage loaded through a hang hands the same session back instead of loading
+    another (and a detach never unloads it: a late UnloadStage would take it from the next attach).
     """
 
     def __init__(
@@ -83,21 +104,22 @@ class FailoverStage:
         self._model = model
         self._providers = list(providers)
         self._on_detach = on_detach
+        self.stage_id = hashlib.sha256(hashlib.sha256(model).digest() + os.urandom(16)).hexdigest()
+        """One id for every attach of this stage (see the class docs)."""
         self._lock = threading.Lock()
-        self._remote: RemoteStage | None = None
-        self._attaching = False
-        self._closed = False
-        self._last_attempt = time.monotonic()
+        self._closed = threading.Event()
         self.last_problem: str | None = None
         """Why the stage is detached (the server's error), ``None`` while attached."""
-        remote = self._connect()  # not attached: the runtime counts that as a fallback of the load
-        with self._lock:
-            self._remote = remote
+        self._remote: RemoteStage | None = self._connect()  # not attached: the runtime counts it at load
+        self._lost_while_loaded = False
+        """Detached after an attach: the server may still hold the stage (it hung rather than died)."""
+        self._supervisor = threading.Thread(target=self._supervise, name=f"supervise-{label}", daemon=True)
+        self._supervisor.start()
 
     # --- attaching -------------------------------------------------------------------------------
 
     def _connect(self) -> RemoteStage | None:
-        from edgefleet_agent.remote_stage import RemoteStage, RemoteStageError  # noqa: PLC0415 - see the imports
+        from edgefleet_agent.remote_stage import RemoteStage  # noqa: PLC0415 - see the imports
 
         try:
             remote = RemoteStage(
@@ -106,44 +128,46 @@ class FailoverStage:
                 models_dir=self.server.models_dir,
                 providers=self._providers,
                 timeout=self.server.timeout,
+                stage_id=self.stage_id,
             )
-        except (RemoteStageError, OSError) as exc:
-            self.last_problem = str(exc)
-            log.warning("%s: runs locally on %s: %s", self.label, self.local.execution_provider, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure to attach leaves the tail local, and is retried
+            self.last_problem = str(exc) or type(exc).__name__
+            log.warning("%s: runs locally on %s: %s", self.label, self.local.execution_provider, self.last_problem)
             return None
         self.last_problem = None
         log.info("%s: runs on accelerator server %s (%s)", self.label, self.server.target, remote.execution_provider)
         return remote
 
-    def _attach_in_background(self) -> None:
-        remote = self._connect()
-        with self._lock:
-            self._attaching = False
-            self._last_attempt = time.monotonic()
-            if remote is not None and not self._closed and self._remote is None:
-                self._remote, remote = remote, None
-        if remote is not None:  # closed meanwhile: nobody will use it
-            remote.close()
+    def _supervise(self) -> None:
+        """Every ``retry_seconds``: re-attach a detached stage; detach one whose stream broke while idle."""
+        while not self._closed.wait(self.server.retry_seconds):
+            with self._lock:
+                remote = self._remote
+            if remote is not None:
+                if remote.broken is not None:
+                    self._detach(remote, str(remote.broken))
+                continue
+            attached = self._connect()
+            if attached is None:
+                continue
+            with self._lock:
+                if not self._closed.is_set():
+                    self._remote, attached = attached, None
+                    self._lost_while_loaded = False
+            if attached is not None:  # closed while connecting: nobody will use it
+                attached.close()
 
-    def _maybe_retry(self) -> None:
-        with self._lock:
-            due = time.monotonic() - self._last_attempt >= self.server.retry_seconds
-            if self._closed or self._remote is not None or self._attaching or not due:
-                return
-            self._attaching = True
-        threading.Thread(target=self._attach_in_background, name=f"attach-{self.label}", daemon=True).start()
-
-    def _detach(self, remote: RemoteStage, problem: AcceleratorUnavailable) -> None:
+    def _detach(self, remote: RemoteStage, problem: str) -> None:
         with self._lock:
             if self._remote is not remote:
-                return
+                return  # another request detached it already
             self._remote = None
-            self._last_attempt = time.monotonic()
-        self.last_problem = str(problem)
+            self._lost_while_loaded = True
+        self.last_problem = problem
         log.warning("%s: accelerator server lost (%s); the tail runs locally until it is back", self.label, problem)
         self._on_detach(self.local.execution_provider)
-        # Closing waits up to the unload timeout for a server that is gone: not on a request's time.
-        threading.Thread(target=remote.close, name=f"detach-{self.label}", daemon=True).start()
+        # Closing waits for the server's channel: not on a request's time.
+        threading.Thread(target=lambda: remote.close(unload=False), name=f"detach-{self.label}", daemon=True).start()
 
     # --- the Stage protocol ----------------------------------------------------------------------
 
@@ -161,25 +185,39 @@ class FailoverStage:
         return remote.execution_provider if remote is not None else self.local.execution_provider
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The tail's outputs, from the server if it answers, else from the local session."""
+        """The tail's outputs: from the server if it answers, else from the local session.
+
+        A request the server fails (its accelerator out of memory, say) is run locally too: when
+        that succeeds the server was at fault and is detached; when it fails as well the request
+        was, and its local error is raised with the server left attached.
+        """
         from edgefleet_agent.remote_stage import AcceleratorUnavailable  # noqa: PLC0415 - see the imports
 
         with self._lock:
             remote = self._remote
         if remote is None:
-            self._maybe_retry()
             return self.local.run(inputs)
         try:
             return remote.run(inputs)
         except AcceleratorUnavailable as exc:
-            self._detach(remote, exc)
-        return self.local.run(inputs)
+            self._detach(remote, str(exc))
+            return self.local.run(inputs)
+        except InferenceFailed as exc:
+            outputs = self.local.run(inputs)  # raises the local error when the request is at fault
+            self._detach(remote, f"it failed a request the local session ran: {exc}")
+            return outputs
 
     def close(self) -> None:
         """Unload the stage from the server (best effort) and drop the local session. Idempotent."""
         with self._lock:
-            self._closed = True
+            self._closed.set()
             remote, self._remote = self._remote, None
+            lost = self._lost_while_loaded
         if remote is not None:
             remote.close()
+        elif lost:  # a server that hung and came back still holds the stage: ask it to drop it
+            from edgefleet_agent.remote_stage import unload_stage  # noqa: PLC0415 - see the imports
+
+            target, stage_id = self.server.target, self.stage_id
+            threading.Thread(target=lambda: unload_stage(target, stage_id), name="unload-stage", daemon=True).start()
         self.local.close()

@@ -36,21 +36,35 @@ def _labels(values: list[str]) -> dict[str, str]:
     return labels
 
 
-def _accelerator(server: str | None, models: Path | None) -> AcceleratorServer | None:
-    """The accel-server to send tails to; both options or neither."""
+def _accelerator(server: str | None, models: Path | None, timeout: float) -> AcceleratorServer | None:
+    """The accel-server to send tails to; both options or neither, checked before the agent starts."""
     if server is None and models is None:
         return None
-    if server is None or not server.strip():
+    import tempfile
+
+    from edgefleet_agent.accelerator import AcceleratorServer, parse_target
+
+    if server is None:
         raise typer.BadParameter("--accel-models needs --accel-server HOST:PORT", param_hint="--accel-server")
+    try:
+        target = parse_target(server)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--accel-server") from e
     if models is None:
         raise typer.BadParameter(
             "name the accel-server's --models folder: stage models are placed there for it", param_hint="--accel-models"
         )
     if not models.is_dir():
         raise typer.BadParameter(f"{models} is not a folder", param_hint="--accel-models")
-    from edgefleet_agent.accelerator import AcceleratorServer
-
-    return AcceleratorServer(server.strip(), models)
+    try:
+        with tempfile.NamedTemporaryFile(dir=models, prefix=".edgefleet-agent-probe-"):
+            pass
+    except OSError as e:
+        raise typer.BadParameter(
+            f"cannot write to {models} ({e.strerror}): the agent places tail models there for the accel-server",
+            param_hint="--accel-models",
+        ) from e
+    return AcceleratorServer(target, models, timeout=timeout)
 
 
 @app.command()
@@ -116,8 +130,17 @@ def run(
     ] = None,
     accel_models: Annotated[
         Path | None,
-        typer.Option("--accel-models", help="The accel-server's --models folder, shared with it."),
+        typer.Option("--accel-models", help="The accel-server's --models folder, shared with it (the agent writes)."),
     ] = None,
+    accel_timeout: Annotated[
+        float,
+        typer.Option(
+            "--accel-timeout",
+            min=0.1,
+            help="Seconds the accel-server may take to load a tail or answer a request before the tail runs "
+            "locally (a first run that builds kernels, e.g. TensorRT, may need more).",
+        ),
+    ] = 10.0,
 ) -> None:
     """Enroll once (the token is needed only the first time), then run until SIGTERM or SIGINT.
 
@@ -142,7 +165,7 @@ def run(
     chosen = tuple(p.strip() for p in providers.split(",") if p.strip())
     if not chosen:
         raise typer.BadParameter("name at least one execution provider", param_hint="--providers")
-    accelerator = _accelerator(accel_server, accel_models)
+    accelerator = _accelerator(accel_server, accel_models, accel_timeout)
     settings = AgentSettings(
         state_dir=state,
         gateway=gateway,

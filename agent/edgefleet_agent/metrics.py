@@ -131,7 +131,8 @@ class AgentMetrics:
         self.fallbacks = Counter(
             "edgefleet_agent_fallbacks",
             "Model versions loaded with a stage (model, head or tail) on a fallback execution provider instead "
-            "of the one its partition plan or the configured providers name, by the provider it got.",
+            "of the one its partition plan or the configured providers name, or with a tail the accelerator "
+            "server (--accel-server) did not take; and each later loss of that server. By the provider it got.",
             ["model", "stage", "provider"],
             registry=self.registry,
         )

@@ -83,6 +83,19 @@ def place_model(models_dir: Path, model: bytes) -> str:
     return digest
 
 
+def unload_stage(target: str, stage_id: str, timeout: float = UNLOAD_TIMEOUT) -> bool:
+    """Ask the server at ``target`` to drop ``stage_id`` (unknown ids are no error); ``False`` if it did not answer."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            inference_pb2_grpc.AcceleratorStageStub(channel).UnloadStage(
+                inference_pb2.UnloadStageRequest(stage_id=stage_id), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            log.info("unloading stage %s from %s failed: %s", stage_id, target, exc)
+            return False
+    return True
+
+
 class RemoteStage:
     """A stage model run by the accelerator server at ``target`` (the pipeline's ``Stage`` protocol).
 
@@ -212,6 +225,11 @@ class RemoteStage:
     def _broken_by(self) -> AcceleratorUnavailable | None:
         return self._broken
 
+    @property
+    def broken(self) -> AcceleratorUnavailable | None:
+        """Why the stream to the server ended (the server went away, stopped answering), else ``None``."""
+        return self._broken
+
     async def _run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         if self._broken is not None:
             raise self._broken
@@ -269,19 +287,23 @@ class RemoteStage:
             self._broken = error
             raise error from None
 
-    def close(self) -> None:
-        """Unload the stage (best effort: the server may be gone) and close the channel. Idempotent."""
+    def close(self, *, unload: bool = True) -> None:
+        """Unload the stage (best effort: the server may be gone) and close the channel. Idempotent.
+
+        ``unload=False`` leaves the stage loaded on the server: for a client that will attach to the
+        same ``stage_id`` again, which a late UnloadStage would otherwise take away from it.
+        """
         if self._closed:
             return
         self._closed = True
         try:
-            self._wait(self._shutdown(), timeout=UNLOAD_TIMEOUT + 1.0)
+            self._wait(self._shutdown(unload), timeout=UNLOAD_TIMEOUT + 1.0)
         except AcceleratorUnavailable as exc:
             log.info("closing remote stage %s: %s", self.stage_id, exc)
         finally:
             self._stop_loop()
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, unload: bool) -> None:
         if self._call is not None:
             self._call.cancel()
         if self._reader is not None:
@@ -290,7 +312,9 @@ class RemoteStage:
             return
         stub = inference_pb2_grpc.AcceleratorStageStub(self._channel)
         try:
-            await stub.UnloadStage(inference_pb2.UnloadStageRequest(stage_id=self.stage_id), timeout=UNLOAD_TIMEOUT)
+            if unload:
+                request = inference_pb2.UnloadStageRequest(stage_id=self.stage_id)
+                await stub.UnloadStage(request, timeout=UNLOAD_TIMEOUT)
         except aio.AioRpcError as exc:
             log.info("unloading stage %s from %s failed: %s", self.stage_id, self.target, exc.code().name)
         self._fail(AcceleratorUnavailable(self.target, "the remote stage is closed"))

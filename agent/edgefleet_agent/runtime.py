@@ -382,8 +382,11 @@ class ModelRuntime:
             with self._lock:
                 served.loading = False
         for stage, provider in loaded.fallbacks:
-            log.warning("[%s/%s] %s: the %s stage runs on %s, not %s", namespace, name, version, stage, provider,
-                        (head_providers if stage != "tail" else tail_providers)[0])  # fmt: skip
+            wanted_provider = (head_providers if stage != "tail" else tail_providers)[0]
+            if provider != wanted_provider:
+                log.warning("[%s/%s] %s: the %s stage runs on %s, not %s", namespace, name, version, stage, provider,
+                            wanted_provider)  # fmt: skip
+            # else: a tail the accelerator server did not take, which FailoverStage has logged
             self.metrics.fallback(name, stage, provider)
         return loaded
 
@@ -517,14 +520,15 @@ class ModelRuntime:
         except (InvalidTensors, InferenceFailed) as exc:
             kind: InferenceErrorKind = "invalid_request" if isinstance(exc, InvalidTensors) else "failed"
             self.metrics.inference_error(name, kind)
-            self._record(model, started_at, None)
+            self._record(model, started_at, None, degraded=model.degraded)
             raise
         total = time.perf_counter() - started
-        self.metrics.inference(name, total, fallback=model.degraded)
-        self._record(model, started_at, total)
+        degraded = model.degraded  # read once: a remote tail may re-attach at any moment
+        self.metrics.inference(name, total, fallback=degraded)
+        self._record(model, started_at, total, degraded=degraded)
         return Prediction(model.version, [(n, outputs[n]) for n in names], [*timings, ("total", total)])
 
-    def _record(self, model: LoadedModel, started_at: datetime, seconds: float | None) -> None:
+    def _record(self, model: LoadedModel, started_at: datetime, seconds: float | None, *, degraded: bool) -> None:
         """Count one request against the version that served it (chosen when the request started)."""
         key = (model.namespace, model.name, model.version)
         with self._lock:
@@ -537,7 +541,7 @@ class ModelRuntime:
                 window.errors += 1
             else:
                 window.latencies_ms.append(seconds * 1000)
-            if model.degraded:
+            if degraded:
                 window.fallbacks += 1
 
     # --- reporting -----------------------------------------------------------------------------

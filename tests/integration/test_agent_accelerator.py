@@ -37,12 +37,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def accel_server(models: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+def accel_server(models: Path, port: int, log: Path | None = None) -> Iterator[subprocess.Popen[str]]:
     """``edgefleet accel-server serve`` on ``port``, ready when yielded; SIGKILLed (if still alive) after."""
-    command = [sys.executable, "-m", "edgefleet_core.cli", "accel-server", "serve", "--models", str(models)]
+    command = [sys.executable, "-m", "edgefleet_core.cli", "-v", "accel-server", "serve", "--models", str(models)]
+    errors = log.open("ab") if log is not None else subprocess.DEVNULL
     process = subprocess.Popen(
-        [*command, "--listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [*command, "--listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=errors, text=True
     )
+    if log is not None:
+        errors.close()  # type: ignore[union-attr]  # the child has its own copy
     try:
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], WAIT)
@@ -82,6 +85,13 @@ def state(runtime: ModelRuntime) -> str:
     return status.state
 
 
+def wait_state(runtime: ModelRuntime, wanted: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while state(runtime) != wanted:
+        assert time.monotonic() < deadline, f"the model never became {wanted}"
+        time.sleep(0.05)
+
+
 def fallbacks(runtime: ModelRuntime) -> float:
     found = runtime.metrics.registry.get_sample_value(
         "edgefleet_agent_fallbacks_total", {"model": "cnn", "stage": "tail", "provider": "CPUExecutionProvider"}
@@ -105,6 +115,7 @@ def test_the_tail_runs_on_the_server_then_locally_while_it_is_killed_then_on_it_
         assert fallbacks(runtime) == 0
         server.send_signal(signal.SIGKILL)
         server.wait()
+        wait_state(runtime, "degraded")  # noticed with no request in flight: the stream broke
         # Requests keep being answered, by the local session, with the same outputs.
         for seed in range(5, 10):
             predict_exact(runtime, split, seed)
@@ -114,18 +125,43 @@ def test_the_tail_runs_on_the_server_then_locally_while_it_is_killed_then_on_it_
         assert (window.inference_count, window.error_count) == (10, 0)
         assert window.accelerator_fallback_count >= 5
     with accel_server(models, port):
-        deadline = time.monotonic() + WAIT
-        seed = 10
-        while state(runtime) != "ready":  # re-attached in the background, on no request's time
-            assert time.monotonic() < deadline, "the tail never went back to the restarted server"
+        wait_state(runtime, "ready")  # re-attached in the background, with no request needed
+        for seed in range(10, 15):
             predict_exact(runtime, split, seed)
-            seed += 1
-            time.sleep(0.05)
-        for more in range(seed, seed + 5):
-            predict_exact(runtime, split, more)
         [window] = runtime.drain_windows()
-        assert window.error_count == 0
+        assert (window.error_count, window.accelerator_fallback_count) == (0, 0)
         loaded.close()
+
+
+def test_a_hung_server_is_left_after_the_timeout_and_its_stage_reused_when_it_resumes(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    port = free_port()
+    log = tmp_path / "accel-server.log"
+    split = cnn_split()
+    accelerator = AcceleratorServer(f"127.0.0.1:{port}", models, timeout=1.0, retry_seconds=0.2)
+    runtime = ModelRuntime(accelerator=accelerator)
+    with accel_server(models, port, log) as server:
+        loaded = load(runtime, split)
+        predict_exact(runtime, split, 0)
+        server.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            predict_exact(runtime, split, 1)  # waits out the timeout, then runs locally
+            assert 0.9 < time.monotonic() - started < WAIT
+            assert state(runtime) == "degraded"
+            predict_exact(runtime, split, 2)  # detached: at once
+        finally:
+            server.send_signal(signal.SIGCONT)
+        wait_state(runtime, "ready")
+        predict_exact(runtime, split, 3)
+        loaded.close()
+        deadline = time.monotonic() + WAIT
+        while "unloaded" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    # One session on the server through the hang: the re-attach got the same stage back.
+    assert log.read_text().count("loaded model") == 1, log.read_text()
 
 
 def test_a_server_that_is_not_there_at_load_leaves_the_tail_local_until_it_comes(tmp_path: Path) -> None:
@@ -142,14 +178,8 @@ def test_a_server_that_is_not_there_at_load_leaves_the_tail_local_until_it_comes
     [window] = runtime.drain_windows()
     assert (window.inference_count, window.error_count, window.accelerator_fallback_count) == (1, 0, 1)
     with accel_server(tmp_path, port):
-        deadline = time.monotonic() + WAIT
-        seed = 1
-        while state(runtime) != "ready":
-            assert time.monotonic() < deadline, "the tail never moved to the server that came up"
-            predict_exact(runtime, split, seed)
-            seed += 1
-            time.sleep(0.05)
-        predict_exact(runtime, split, seed)
+        wait_state(runtime, "ready")
+        predict_exact(runtime, split, 1)
         assert fallbacks(runtime) == 1  # coming back is not a fallback
         loaded.close()
 
@@ -168,6 +198,12 @@ def test_single_model_bundles_never_touch_the_server(tmp_path: Path) -> None:
         (["--accel-server", "127.0.0.1:1"], "--accel-models"),
         (["--accel-models", "."], "--accel-server"),
         (["--accel-server", "127.0.0.1:1", "--accel-models", "no/such/folder"], "--accel-models"),
+        (["--accel-server", "127.0.0.1:1", "--accel-models", "/proc"], "cannot write to /proc"),
+        (["--accel-server", "localhost", "--accel-models", "."], "not HOST:PORT"),
+        (["--accel-server", "host:notaport", "--accel-models", "."], "port must be a number"),
+        (["--accel-server", "[::1:50051", "--accel-models", "."], "IPv6"),
+        (["--accel-server", "unix:", "--accel-models", "."], "no socket path"),
+        (["--accel-server", "", "--accel-models", "."], "not HOST:PORT"),
     ],
 )
 def test_the_agent_refuses_half_an_accelerator(tmp_path: Path, options: list[str], named: str) -> None:
@@ -210,8 +246,9 @@ def test_the_agent_command_hands_the_accelerator_to_the_runtime(
     monkeypatch.setattr(daemon, "Agent", Captured)
     models = tmp_path / "models"
     models.mkdir()
-    accelerator = ["--accel-server", "unix:/run/accel.sock", "--accel-models", str(models)]
+    accelerator = ["--accel-server", "unix:/run/accel.sock", "--accel-models", str(models), "--accel-timeout", "2.5"]
     result = CliRunner().invoke(build_app(), [*agent_run(tmp_path), *accelerator])
     assert result.exit_code == 0, result.output
     [runtime] = built
-    assert runtime.accelerator == AcceleratorServer("unix:/run/accel.sock", models)
+    assert runtime.accelerator == AcceleratorServer("unix:/run/accel.sock", models, timeout=2.5)
+    assert list(models.iterdir()) == []  # the write probe leaves nothing behind
