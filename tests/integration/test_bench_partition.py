@@ -56,10 +56,11 @@ def test_tiny_run_writes_every_figure(tmp_path: Path) -> None:
     for model in document["models"]:
         assert model["repeats"] == 2
         assert len(model["runs"]) == 2
-        assert model["pipelined_vs_one_core"] == pytest.approx(
-            sum(r["pipelined_vs_one_core"] for r in model["runs"]) / 2
-        )  # the median of two
-        assert all(t["runs"] == 2 for t in model["targets"])
+        # The lower median of two: the shown run's own ratio.
+        assert model["pipelined_vs_one_core"] == min(r["pipelined_vs_one_core"] for r in model["runs"])
+        runs = {t["name"]: t["runs"] for t in model["targets"]}
+        assert runs["pipelined_vs_one_core"] == runs["planner_vs_best"] == 2
+        assert all(1 <= n <= 2 for n in runs.values())  # slow-link targets exist only where a smaller cut does
         for figure in FIGURES:
             assert math.isfinite(model[figure]), figure
             assert model[figure] > 0, figure

@@ -208,36 +208,63 @@ def _open_pipeline(submit: Callable[[], Future[Any]], requests: int, warmup: int
     return {"throughput_per_s": requests / (time.perf_counter() - started)}
 
 
+TOGETHER_START_TIMEOUT: Final = 120.0
+"""Seconds one loop of :func:`_together` waits for the other to finish its warm-up."""
+
+
 def _together(
     first: Callable[[], object], second: Callable[[], object], requests: int, warmup: int
 ) -> dict[str, float]:
     """Two calls looping at the same time on two threads, started together, no hand-over between them.
 
     What two stages can do on this machine at all: each is slowed only by sharing it with the other
-    (caches, memory, the interpreter), not by waiting for it. ``first_ms``/``second_ms`` are each
-    loop's mean; the throughput is that of the slower one.
+    (caches, memory, the interpreter), not by waiting for it. Both loops stop as soon as one has made
+    ``requests`` calls (and the other at least one), so the calls counted ran while the other loop
+    ran too. ``first_ms`` and
+    ``second_ms`` are each loop's mean; the throughput is the slower one's. A call that raises ends
+    both loops and is raised here.
     """
-    start = threading.Barrier(2)
+    start = threading.Barrier(2, timeout=TOGETHER_START_TIMEOUT)
+    stop = threading.Event()
+    calls = [0, 0]
     elapsed = [0.0, 0.0]
+    errors: list[BaseException] = []
 
     def loop(index: int, call: Callable[[], object]) -> None:
-        for _ in range(warmup):
-            call()
-        start.wait()
-        began = time.perf_counter()
-        for _ in range(requests):
-            call()
-        elapsed[index] = time.perf_counter() - began
+        try:
+            for _ in range(warmup):
+                call()
+            start.wait()
+            began = time.perf_counter()
+            while not stop.is_set():
+                call()
+                calls[index] += 1
+                if calls[index] >= requests and min(calls) > 0:  # the other has finished a call too
+                    stop.set()
+            elapsed[index] = time.perf_counter() - began
+        except threading.BrokenBarrierError:
+            pass  # the other loop failed (its error is reported) or never started
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+            stop.set()
+            start.abort()
 
     threads = [threading.Thread(target=loop, args=(i, c)) for i, c in enumerate((first, second))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
+    if min(calls) == 0:
+        raise PartitionBenchError("the two stages never ran at the same time")
+    first_ms, second_ms = (elapsed[i] / calls[i] * 1000.0 for i in (0, 1))
     return {
-        "first_ms": elapsed[0] / requests * 1000.0,
-        "second_ms": elapsed[1] / requests * 1000.0,
-        "throughput_per_s": requests / max(elapsed),
+        "first_ms": first_ms,
+        "second_ms": second_ms,
+        "first_calls": calls[0],
+        "second_calls": calls[1],
+        "throughput_per_s": 1000.0 / max(first_ms, second_ms),
     }
 
 
@@ -605,12 +632,14 @@ def combined(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     It is the run with the median pipelined / one-core ratio, with every ratio replaced by its median
     over the runs, each run's figures under ``runs``, and each target judged on the median of its
-    per-run values (``runs_met`` says in how many runs it held). The shown run's throughputs and cuts
-    stay as measured, so its table row is one real run; for an odd number of runs its pipelined /
-    one-core ratio is the median itself.
+    per-run values (``runs_met`` says in how many runs it held). Medians are the lower median, so
+    each is one run's value. The shown run's throughputs and cuts stay as measured, so its table row
+    is one real run, and its pipelined / one-core ratio is the median itself.
     """
     if not runs:
         raise ValueError("no runs to combine")
+    # The lower median throughout: for an even number of runs it is still one run's value, so the
+    # shown run's own ratio is the median the targets are judged on.
     ordered = sorted(runs, key=lambda r: float(r["pipelined_vs_one_core"]))
     document = dict(ordered[(len(ordered) - 1) // 2])
     document["repeats"] = len(runs)
@@ -625,12 +654,18 @@ def combined(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for figure in REPEATED_FIGURES:
         values = [float(r[figure]) for r in runs if figure in r]
         if len(values) == len(runs):
-            document[figure] = statistics.median(values)
+            document[figure] = statistics.median_low(values)
+    # A target some runs lack (the slow-link ones need a smaller cut, which depends on the run's
+    # chosen cut) is judged on the runs that have it; ``runs`` says how many.
+    rules: dict[str, Mapping[str, Any]] = {}
+    for r in runs:
+        for target in r["targets"]:
+            rules.setdefault(target["name"], target)
     targets = []
-    for target in document["targets"]:
-        values = [float(t["value"]) for r in runs for t in r["targets"] if t["name"] == target["name"]]
-        judged = Target(target["name"], statistics.median(values), target["bound"], target["rule"] == ">=")
-        held = sum(Target(judged.name, v, judged.bound, judged.at_least).met for v in values)
+    for name, rule in rules.items():
+        values = [float(t["value"]) for r in runs for t in r["targets"] if t["name"] == name]
+        judged = Target(name, statistics.median_low(values), rule["bound"], rule["rule"] == ">=")
+        held = sum(Target(name, v, judged.bound, judged.at_least).met for v in values)
         targets.append({**judged.as_dict(), "runs_met": held, "runs": len(values)})
     document["targets"] = targets
     return document
