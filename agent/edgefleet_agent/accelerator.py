@@ -11,7 +11,8 @@ keeps a local session of the tail loaded: a request the server does not answer (
 :attr:`AcceleratorServer.timeout`) or fails is answered by the local session, and the model counts
 as degraded (``accelerator_fallback_count`` in health reports) until the server is back. A
 supervisor thread per stage notices a stream that broke while no request ran, and re-attaches
-every :attr:`AcceleratorServer.retry_seconds`, so no request waits on a connection attempt.
+:attr:`AcceleratorServer.retry_seconds` after a loss (spaced out up to :data:`MAX_BACKOFF` times
+that while attaches keep failing), so no request waits on a connection attempt.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,14 @@ if TYPE_CHECKING:
     # runtime, which imports this module.
     from edgefleet_agent.remote_stage import RemoteStage
 
-__all__ = ["DEFAULT_RETRY_SECONDS", "DEFAULT_TIMEOUT", "AcceleratorServer", "FailoverStage", "parse_target"]
+__all__ = [
+    "DEFAULT_RETRY_SECONDS",
+    "DEFAULT_TIMEOUT",
+    "AcceleratorServer",
+    "FailoverStage",
+    "parse_target",
+    "stage_id_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +52,43 @@ DEFAULT_RETRY_SECONDS: Final = 30.0
 """How often a detached tail tries the accelerator server again (and an idle one checks its stream)."""
 DEFAULT_TIMEOUT: Final = 10.0
 """Seconds an attach (connect and LoadStage) and each remote run may take before the server counts as gone."""
+MAX_BACKOFF: Final = 8
+"""After failures in a row, re-attach attempts are spaced up to this many times ``retry_seconds`` apart:
+a session wedged inside the server (its event loop alive, its accelerator stuck) is handed back at
+once by LoadStage, and each re-attach would cost the next request a full timeout."""
+_SCHEMES: Final = ("unix:", "unix-abstract:", "ipv4:", "ipv6:", "dns:")
+
+
+def stage_id_for(key: str, namespace: str, name: str, version: str, model: bytes) -> str:
+    """The accel-server stage id of one model version's tail on one device.
+
+    The same on every start of the same agent (``key``: the device id), so an agent restarted or
+    killed gets the session it left on the server back instead of loading another beside it; and
+    different for every version, so two versions with the same tail never unload each other's.
+    """
+    digest = hashlib.sha256(model).hexdigest()
+    return hashlib.sha256("\0".join((key, namespace, name, version, digest)).encode()).hexdigest()
 
 
 def parse_target(target: str) -> str:
-    """``target`` when it is ``HOST:PORT`` (port 1-65535) or ``unix:PATH``; ``ValueError`` naming the problem."""
+    """``target`` when it is ``HOST:PORT`` (port 1-65535, IPv6 as ``[ADDRESS]:PORT``), ``unix:PATH``, or
+    one of gRPC's ``unix-abstract:``, ``ipv4:``, ``ipv6:``, ``dns:`` names; ``ValueError`` naming the problem."""
     value = target.strip()
-    if value.startswith("unix:"):
-        if not value.removeprefix("unix:").lstrip("/"):
-            raise ValueError(f"{target!r} names no socket path after 'unix:'")
-        return value
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or any(c.isspace() for c in value):
+    if any(c.isspace() for c in value):
         raise ValueError(f"{target!r} is not HOST:PORT or unix:PATH")
-    if host.startswith("[") != host.endswith("]"):
+    scheme = next((s for s in _SCHEMES if value.startswith(s)), None)
+    if scheme is not None:
+        if not value.removeprefix(scheme).lstrip("/"):
+            raise ValueError(f"{target!r} names nothing after {scheme!r}")
+        return value
+    if "://" in value:
+        raise ValueError(f"{target!r}: give HOST:PORT or unix:PATH, not a URL")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{target!r} is not HOST:PORT or unix:PATH")
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
         raise ValueError(f"{target!r}: an IPv6 host is written [ADDRESS]:PORT")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"{target!r}: the port must be a number from 1 to 65535")
     return value
 
@@ -79,9 +110,10 @@ class FailoverStage:
 
     Takes the tail's model bytes and a loaded local session of the same model. Construction tries
     the server once; failing that, the stage starts detached (local). ``on_detach(provider)`` is
-    called each time an attached server is lost. Every attach uses the same stage id, so a server
-    that kept the stage loaded through a hang hands the same session back instead of loading
-    another (and a detach never unloads it: a late UnloadStage would take it from the next attach).
+    called each time an attached server is lost. Every attach uses the same ``stage_id`` (see
+    :func:`stage_id_for`; a random one by default), so a server that kept the stage loaded through a
+    hang hands the same session back instead of loading another (and a detach never unloads it: a
+    late UnloadStage would take it from the next attach).
     """
 
     def __init__(
@@ -93,6 +125,7 @@ class FailoverStage:
         *,
         label: str,
         on_detach: Callable[[str], None] = lambda provider: None,
+        stage_id: str | None = None,
     ) -> None:
         self.server = server
         self.label = label
@@ -104,22 +137,25 @@ class FailoverStage:
         self._model = model
         self._providers = list(providers)
         self._on_detach = on_detach
-        self.stage_id = hashlib.sha256(hashlib.sha256(model).digest() + os.urandom(16)).hexdigest()
+        self.stage_id = stage_id or hashlib.sha256(hashlib.sha256(model).digest() + os.urandom(16)).hexdigest()
         """One id for every attach of this stage (see the class docs)."""
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._failures = 0
+        """Failed attaches and lost servers since a remote run last succeeded (spaces re-attaches)."""
+        self._next_attempt = 0.0
+        self._lost_while_loaded = False
+        """The server may hold the stage while we are detached (it hung, or finished a load we gave up on)."""
         self.last_problem: str | None = None
         """Why the stage is detached (the server's error), ``None`` while attached."""
         self._remote: RemoteStage | None = self._connect()  # not attached: the runtime counts it at load
-        self._lost_while_loaded = False
-        """Detached after an attach: the server may still hold the stage (it hung rather than died)."""
         self._supervisor = threading.Thread(target=self._supervise, name=f"supervise-{label}", daemon=True)
         self._supervisor.start()
 
     # --- attaching -------------------------------------------------------------------------------
 
     def _connect(self) -> RemoteStage | None:
-        from edgefleet_agent.remote_stage import RemoteStage  # noqa: PLC0415 - see the imports
+        from edgefleet_agent.remote_stage import AcceleratorUnavailable, RemoteStage  # noqa: PLC0415 - see the imports
 
         try:
             remote = RemoteStage(
@@ -132,30 +168,47 @@ class FailoverStage:
             )
         except Exception as exc:  # noqa: BLE001 - any failure to attach leaves the tail local, and is retried
             self.last_problem = str(exc) or type(exc).__name__
+            self._failed()
+            if isinstance(exc, AcceleratorUnavailable):
+                self._lost_while_loaded = True  # a LoadStage given up on may still finish on the server
             log.warning("%s: runs locally on %s: %s", self.label, self.local.execution_provider, self.last_problem)
             return None
         self.last_problem = None
         log.info("%s: runs on accelerator server %s (%s)", self.label, self.server.target, remote.execution_provider)
         return remote
 
+    def _failed(self) -> None:
+        self._failures = min(self._failures + 1, 16)
+        spacing = self.server.retry_seconds * min(2 ** (self._failures - 1), MAX_BACKOFF)
+        self._next_attempt = time.monotonic() + spacing
+
     def _supervise(self) -> None:
-        """Every ``retry_seconds``: re-attach a detached stage; detach one whose stream broke while idle."""
+        """Every ``retry_seconds``: detach a stage whose stream broke while idle; re-attach a detached
+        one when its backoff allows."""
         while not self._closed.wait(self.server.retry_seconds):
-            with self._lock:
-                remote = self._remote
-            if remote is not None:
-                if remote.broken is not None:
-                    self._detach(remote, str(remote.broken))
-                continue
-            attached = self._connect()
-            if attached is None:
-                continue
-            with self._lock:
-                if not self._closed.is_set():
-                    self._remote, attached = attached, None
-                    self._lost_while_loaded = False
-            if attached is not None:  # closed while connecting: nobody will use it
-                attached.close()
+            try:
+                self._check()
+            except Exception:  # a supervisor that died would leave the tail local for good
+                log.exception("%s: supervising the accelerator server failed; trying again", self.label)
+
+    def _check(self) -> None:
+        with self._lock:
+            remote = self._remote
+        if remote is not None:
+            if remote.broken is not None:
+                self._detach(remote, str(remote.broken))
+            return
+        if time.monotonic() < self._next_attempt:
+            return
+        attached = self._connect()
+        if attached is None:
+            return
+        with self._lock:
+            if not self._closed.is_set():
+                self._remote, attached = attached, None
+                self._lost_while_loaded = False
+        if attached is not None:  # closed while connecting: nobody will use it
+            attached.close()
 
     def _detach(self, remote: RemoteStage, problem: str) -> None:
         with self._lock:
@@ -163,6 +216,7 @@ class FailoverStage:
                 return  # another request detached it already
             self._remote = None
             self._lost_while_loaded = True
+            self._failed()
         self.last_problem = problem
         log.warning("%s: accelerator server lost (%s); the tail runs locally until it is back", self.label, problem)
         self._on_detach(self.local.execution_provider)
@@ -198,7 +252,7 @@ class FailoverStage:
         if remote is None:
             return self.local.run(inputs)
         try:
-            return remote.run(inputs)
+            outputs = remote.run(inputs)
         except AcceleratorUnavailable as exc:
             self._detach(remote, str(exc))
             return self.local.run(inputs)
@@ -206,6 +260,8 @@ class FailoverStage:
             outputs = self.local.run(inputs)  # raises the local error when the request is at fault
             self._detach(remote, f"it failed a request the local session ran: {exc}")
             return outputs
+        self._failures = 0  # the server answers: a later loss is retried at the normal pace again
+        return outputs
 
     def close(self) -> None:
         """Unload the stage from the server (best effort) and drop the local session. Idempotent."""

@@ -199,7 +199,9 @@ def default_components(
     settings: AgentSettings, identity: DeviceIdentity, tuf_client: Callable[[], TufClient], metrics: AgentMetrics
 ) -> Components:
     """The real runtime, Updater and inference server, recording into ``metrics``."""
-    runtime = ModelRuntime(settings.providers, metrics=metrics, accelerator=settings.accelerator)
+    runtime = ModelRuntime(
+        settings.providers, metrics=metrics, accelerator=settings.accelerator, device_key=identity.device_id
+    )
     updater = Updater(settings.state_dir, identity.device_class, runtime, tuf_client)
 
     async def start() -> tuple[StoppableServer, int]:

@@ -274,7 +274,10 @@ class RemoteStage:
         # Like a local stage, take the stage's own inputs from a mapping that may hold more (the
         # head's other outputs); a missing one is the server's INVALID_ARGUMENT.
         feed = {name: inputs[name] for name in self.inputs if name in inputs}
-        return asyncio.run_coroutine_threadsafe(self._run(feed), self._loop)
+        try:
+            return asyncio.run_coroutine_threadsafe(self._run(feed), self._loop)
+        except RuntimeError:  # the loop closed under us: another thread closed the stage just now
+            raise AcceleratorUnavailable(self.target, "the remote stage is closed") from None
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The stage's outputs by name; :class:`AcceleratorUnavailable` when the server is gone."""

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
-from edgefleet_agent.accelerator import AcceleratorServer, FailoverStage
+from edgefleet_agent.accelerator import AcceleratorServer, FailoverStage, stage_id_for
 from edgefleet_agent.assignments import SlotName
 from edgefleet_agent.errors import (
     InferenceFailed,
@@ -315,14 +315,18 @@ class ModelRuntime:
         intra_op_threads: int = 1,
         metrics: AgentMetrics | None = None,
         accelerator: AcceleratorServer | None = None,
+        device_key: str = "",
     ) -> None:
         """``metrics``: where requests, fallbacks and the served versions are recorded (the Updater
         records install outcomes there too); ``None``: a registry of this runtime's own.
-        ``accelerator``: the server partitioned models' tails run on (a local session stands by)."""
+        ``accelerator``: the server partitioned models' tails run on (a local session stands by).
+        ``device_key`` (the device id) makes their stage ids the same on every start of this agent,
+        so a restarted agent gets back the sessions it left on the server; empty: random ids."""
         if not providers:
             raise ValueError("at least one execution provider is needed")
         self.providers = tuple(providers)
         self.accelerator = accelerator
+        self.device_key = device_key
         self.intra_op_threads = intra_op_threads
         self.metrics = metrics or AgentMetrics()
         self._lock = threading.Lock()
@@ -402,6 +406,7 @@ class ModelRuntime:
             providers,
             label=label,
             on_detach=lambda provider: self.metrics.fallback(name, "tail", provider),
+            stage_id=stage_id_for(self.device_key, namespace, name, version, model) if self.device_key else None,
         )
 
     def self_test(self, model: LoadedModel, test: SelfTest | None) -> SelfTestFailure | None:

@@ -219,7 +219,7 @@ def _together(
 
     What two stages can do on this machine at all: each is slowed only by sharing it with the other
     (caches, memory, the interpreter), not by waiting for it. Both loops stop as soon as one has made
-    ``requests`` calls (and the other at least one), so the calls counted ran while the other loop
+    ``requests`` calls (and the other at least two), so the calls counted ran while the other loop
     ran too. ``first_ms`` and
     ``second_ms`` are each loop's mean; the throughput is the slower one's. A call that raises ends
     both loops and is raised here.
@@ -239,7 +239,7 @@ def _together(
             while not stop.is_set():
                 call()
                 calls[index] += 1
-                if calls[index] >= requests and min(calls) > 0:  # the other has finished a call too
+                if calls[index] >= requests and min(calls) >= min(requests, 2):  # the other ran meanwhile
                     stop.set()
             elapsed[index] = time.perf_counter() - began
         except threading.BrokenBarrierError:

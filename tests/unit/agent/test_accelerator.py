@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from edgefleet_agent.accelerator import AcceleratorServer, FailoverStage, parse_target
+from edgefleet_agent.accelerator import AcceleratorServer, FailoverStage, parse_target, stage_id_for
 from edgefleet_agent.errors import InferenceFailed, InvalidTensors
 from edgefleet_agent.pipeline import LocalStage
 
@@ -101,7 +102,17 @@ def test_answers_come_from_the_server_while_it_answers(monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize(
-    "target", ["127.0.0.1:50051", "accel.local:9", "[::1]:50051", "unix:/run/edgefleet/accel.sock", " host:1 "]
+    "target",
+    [
+        "127.0.0.1:50051",
+        "accel.local:9",
+        "[::1]:50051",
+        "unix:/run/edgefleet/accel.sock",
+        " host:1 ",
+        "ipv6:[::1]:1",
+        "dns:///accel.local:50051",
+        "unix-abstract:edgefleet-accel",
+    ],
 )
 def test_good_targets(target: str) -> None:
     assert parse_target(target) == target.strip()
@@ -117,10 +128,45 @@ def test_good_targets(target: str) -> None:
         ("host:65536", "from 1 to 65535"),
         ("host:-1", "from 1 to 65535"),
         ("[::1:50051", "IPv6"),
-        ("unix:", "no socket path"),
-        ("unix:///", "no socket path"),
+        ("unix:", "names nothing"),
+        ("unix:///", "names nothing"),
+        ("::1:50051", "IPv6"),
+        ("http://host:1", "not a URL"),
+        ("host:\u0665\u0660", "from 1 to 65535"),
     ],
 )
 def test_bad_targets_are_named(target: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         parse_target(target)
+
+
+def test_stage_ids_are_per_device_and_version_and_the_same_on_every_start() -> None:
+    tail = relu()
+    one = stage_id_for("device-1", "vision", "cnn", "1.0.0", tail)
+    assert one == stage_id_for("device-1", "vision", "cnn", "1.0.0", tail)
+    others = {
+        stage_id_for("device-2", "vision", "cnn", "1.0.0", tail),
+        stage_id_for("device-1", "vision", "cnn", "1.0.1", tail),  # the same tail in another version
+        stage_id_for("device-1", "other", "cnn", "1.0.0", tail),
+        stage_id_for("device-1", "vision", "cnn", "1.0.0", tail + b"\0"),
+    }
+    assert one not in others
+    assert len(others) == 4
+
+
+def test_re_attaches_back_off_after_failures_and_reset_once_the_server_answers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    remote = FakeRemote(None)
+    failover, _ = stage(monkeypatch, remote, tmp_path)
+    server = failover.server
+    spacings = []
+    for _ in range(6):
+        before = time.monotonic()
+        failover._failed()
+        spacings.append(round((failover._next_attempt - before) / server.retry_seconds))
+    assert spacings == [1, 2, 4, 8, 8, 8]
+    failover.run({"x": np.zeros(2, np.float32)})  # answered by the server
+    failover._failed()
+    assert round((failover._next_attempt - time.monotonic()) / server.retry_seconds) == 1
+    failover.close()
