@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,16 @@ from tests.support.tiny_models import tiny_cnn, tiny_inputs
 
 pytestmark = pytest.mark.integration
 WAIT = 30.0
+
+
+@pytest.fixture(autouse=True)
+def no_supervisor_left() -> Iterator[None]:
+    """Every tail a test loads is closed: a supervisor left running would retry (and log) in later tests."""
+    yield
+    deadline = time.monotonic() + WAIT
+    while left := [t.name for t in threading.enumerate() if t.name.startswith("supervise-")]:
+        assert time.monotonic() < deadline, f"supervisors still running: {left}"
+        time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -195,7 +206,7 @@ def test_a_restarted_agent_gets_back_the_sessions_it_left_on_the_server(tmp_path
     with accel_server(models, port, log):
         # The first agent "dies" holding its tail (never closed); the second is the same device.
         first = ModelRuntime(accelerator=accelerator, device_key="device-1")
-        load(first, split)
+        abandoned = load(first, split)
         again = ModelRuntime(accelerator=accelerator, device_key="device-1")
         loaded = load(again, split)
         assert state(again) == "ready"
@@ -203,6 +214,7 @@ def test_a_restarted_agent_gets_back_the_sessions_it_left_on_the_server(tmp_path
         other = ModelRuntime(accelerator=accelerator, device_key="device-2")
         load(other, split).close()
         loaded.close()
+        abandoned.close()  # its supervisor would go on trying (and logging) in later tests
     # One session per device, not one per start.
     assert log.read_text().count("loaded model") == 2, log.read_text()
 
