@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -103,6 +104,28 @@ def wait_state(runtime: ModelRuntime, wanted: str) -> None:
         time.sleep(0.05)
 
 
+@dataclass(frozen=True)
+class Site:
+    """A shared models folder, a free port for the accel-server and the file its log goes to."""
+
+    models: Path
+    port: int
+    log: Path
+
+    def accelerator(self, timeout: float) -> AcceleratorServer:
+        return AcceleratorServer(f"127.0.0.1:{self.port}", self.models, timeout=timeout, retry_seconds=0.2)
+
+    def server(self) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+        return accel_server(self.models, self.port, self.log)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    models = tmp_path / "models"
+    models.mkdir()
+    return Site(models, free_port(), tmp_path / "accel-server.log")
+
+
 def fallbacks(runtime: ModelRuntime) -> float:
     found = runtime.metrics.registry.get_sample_value(
         "edgefleet_agent_fallbacks_total", {"model": "cnn", "stage": "tail", "provider": "CPUExecutionProvider"}
@@ -110,14 +133,11 @@ def fallbacks(runtime: ModelRuntime) -> float:
     return 0.0 if found is None else found
 
 
-def test_the_tail_runs_on_the_server_then_locally_while_it_is_killed_then_on_it_again(tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    port = free_port()
+def test_the_tail_runs_on_the_server_then_locally_while_it_is_killed_then_on_it_again(site: Site) -> None:
+    models = site.models
     split = cnn_split()
-    accelerator = AcceleratorServer(f"127.0.0.1:{port}", models, timeout=5.0, retry_seconds=0.2)
-    runtime = ModelRuntime(accelerator=accelerator)
-    with accel_server(models, port) as server:
+    runtime = ModelRuntime(accelerator=site.accelerator(timeout=5.0))
+    with site.server() as server:
         loaded = load(runtime, split)
         assert state(runtime) == "ready"
         assert [p.suffix for p in models.iterdir()] == [".onnx"]  # the tail, placed for the server
@@ -135,7 +155,7 @@ def test_the_tail_runs_on_the_server_then_locally_while_it_is_killed_then_on_it_
         [window] = runtime.drain_windows()
         assert (window.inference_count, window.error_count) == (10, 0)
         assert window.accelerator_fallback_count >= 5
-    with accel_server(models, port):
+    with site.server():
         wait_state(runtime, "ready")  # re-attached in the background, with no request needed
         for seed in range(10, 15):
             predict_exact(runtime, split, seed)
@@ -144,15 +164,11 @@ def test_the_tail_runs_on_the_server_then_locally_while_it_is_killed_then_on_it_
         loaded.close()
 
 
-def test_a_hung_server_is_left_after_the_timeout_and_its_stage_reused_when_it_resumes(tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    port = free_port()
-    log = tmp_path / "accel-server.log"
+def test_a_hung_server_is_left_after_the_timeout_and_its_stage_reused_when_it_resumes(site: Site) -> None:
+    log = site.log
     split = cnn_split()
-    accelerator = AcceleratorServer(f"127.0.0.1:{port}", models, timeout=2.5, retry_seconds=0.2)
-    runtime = ModelRuntime(accelerator=accelerator)
-    with accel_server(models, port, log) as server:
+    runtime = ModelRuntime(accelerator=site.accelerator(timeout=2.5))
+    with site.server() as server:
         loaded = load(runtime, split)
         wait_state(runtime, "ready")
         predict_exact(runtime, split, 0)
@@ -196,14 +212,11 @@ def test_a_server_that_is_not_there_at_load_leaves_the_tail_local_until_it_comes
         loaded.close()
 
 
-def test_a_restarted_agent_gets_back_the_sessions_it_left_on_the_server(tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    port = free_port()
-    log = tmp_path / "accel-server.log"
+def test_a_restarted_agent_gets_back_the_sessions_it_left_on_the_server(site: Site) -> None:
+    log = site.log
     split = cnn_split()
-    accelerator = AcceleratorServer(f"127.0.0.1:{port}", models, timeout=5.0, retry_seconds=0.2)
-    with accel_server(models, port, log):
+    accelerator = site.accelerator(timeout=5.0)
+    with site.server():
         # The first agent "dies" holding its tail (never closed); the second is the same device.
         first = ModelRuntime(accelerator=accelerator, device_key="device-1")
         abandoned = load(first, split)
